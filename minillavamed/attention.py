@@ -1,0 +1,155 @@
+"""Scaled dot-product attention, computed in one place for the vision encoder and the language model.
+
+Both halves of LLaVA-Med (paper §4) are transformers; the only part that differs between them is the mask:
+the CLIP ViT attends bidirectionally over its patches, the decoder causally over its tokens (with padding
+masked out in batched generation). Everything goes through `attention()` / `attention_varlen()` so that
+backends can be swapped without touching the model:
+
+- `naive`: the textbook formula, softmax(q k^T / sqrt(d)) v, in fp32. The reference the others are checked
+  against.
+- `sdpa`: torch's fused `scaled_dot_product_attention` (flash / memory-efficient / cuDNN on GPUs).
+- `triton`: our FlashAttention-2 kernels in `minillavamed.kernels` (see there). Masks other than causal
+  and packed segments are not what those kernels are for, so such calls use SDPA instead.
+
+Layout everywhere is flash-attn's: q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, kv_heads,
+head_dim). Grouped-query attention (kv_heads < heads) is handled by each backend.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("naive", "sdpa", "triton")
+
+
+def _allowed(tq: int, tk: int, causal: bool, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Boolean (batch|1, 1, tq, tk) mask of allowed query->key pairs, or None when everything is allowed.
+
+    Causal masks are aligned to the bottom right (query i sits at key position tk - tq + i), which is what a
+    KV cache needs: new queries see every cached key and themselves.
+    """
+    mask = None
+    if causal:
+        q_pos = torch.arange(tk - tq, tk, device=device)[:, None]
+        mask = (torch.arange(tk, device=device)[None, :] <= q_pos)[None, None]
+    if key_padding_mask is not None:
+        keys = key_padding_mask.bool()[:, None, None, :]
+        mask = keys if mask is None else mask & keys
+        # A padding query can have every key masked; let such rows attend to all keys so that softmax stays
+        # finite. Their outputs are never used (their labels are ignored and they are never sampled from).
+        mask = mask | ~mask.any(-1, keepdim=True)
+    return mask
+
+
+def _naive(q, k, v, mask, scale):
+    heads, kv_heads = q.shape[2], k.shape[2]
+    k = k.repeat_interleave(heads // kv_heads, dim=2)
+    v = v.repeat_interleave(heads // kv_heads, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float()).to(q.dtype)
+
+
+def _sdpa(q, k, v, mask, is_causal, scale):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
+
+
+_fallback_warned: set[str] = set()
+
+
+def _triton_or_reason(q) -> str | None:
+    """None when the Triton kernels can run on `q`, else the reason they can't (said once per reason)."""
+    try:
+        from minillavamed.kernels import triton_attention_supported
+    except ImportError as e:  # triton itself missing or broken on this platform
+        return f"the Triton kernels could not be imported ({e})"
+    ok, reason = triton_attention_supported(q)
+    return None if ok else reason
+
+
+def _fall_back(reason: str) -> None:
+    if reason not in _fallback_warned:
+        _fallback_warned.add(reason)
+        warnings.warn(f"attention backend 'triton' unavailable: {reason}; using 'sdpa' instead", stacklevel=3)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """Attention over (batch, seqlen, heads, head_dim) tensors; `key_padding_mask` (batch, seqlen_k) is True
+    for real tokens. Returns (batch, seqlen_q, heads, head_dim)."""
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    tq, tk = q.shape[1], k.shape[1]
+    causal = causal and tq > 1  # a single newest query sees every key anyway
+    if backend == "naive":
+        return _naive(q, k, v, _allowed(tq, tk, causal, key_padding_mask, q.device), scale)
+    if backend == "triton":
+        reason = _triton_or_reason(q)
+        if reason is None and key_padding_mask is not None and not bool(key_padding_mask.all()):
+            reason = "padding masks are not handled by the kernels"
+        if reason is None:
+            from minillavamed.kernels import flash_attn_func
+
+            return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+        _fall_back(reason)
+    elif backend != "sdpa":
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if key_padding_mask is None and (not causal or tq == tk):
+        return _sdpa(q, k, v, None, causal, scale)  # lets SDPA pick its fused causal kernels
+    return _sdpa(q, k, v, _allowed(tq, tk, causal, key_padding_mask, q.device), False, scale)
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """Attention over packed (total_tokens, heads, head_dim) tensors holding several sequences back to back,
+    with boundaries `cu_seqlens` (int32, [0, len0, len0+len1, ...]); no token attends across a boundary."""
+    if backend == "triton":
+        reason = _triton_or_reason(q)
+        if reason is None:
+            from minillavamed.kernels import flash_attn_varlen_func
+
+            cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen,
+                                          softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=causal)
+        _fall_back(reason)
+        backend = "sdpa"
+    # Without the varlen kernel: one row, with a block-diagonal mask that keeps segments apart.
+    total = q.shape[0]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(q.device)
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
+    if segment.numel() != total:
+        raise ValueError(f"cu_seqlens covers {segment.numel()} tokens but the packed tensors hold {total}")
+    allowed = segment[:, None] == segment[None, :]
+    if causal:
+        allowed &= torch.ones(total, total, dtype=torch.bool, device=q.device).tril()
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q1, k1, v1 = (t.unsqueeze(0) for t in (q, k, v))
+    if backend == "naive":
+        return _naive(q1, k1, v1, allowed, scale)[0]
+    if backend != "sdpa":
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    return _sdpa(q1, k1, v1, allowed, False, scale)[0]

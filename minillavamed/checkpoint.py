@@ -1,0 +1,421 @@
+"""Checkpoints in and out: our format, and the layouts LLaVA-Med's weights are published in.
+
+A model is only "LLaVA-Med" if it runs the released weights. Those come in three layouts, each read through
+an explicit map from its key names to ours (no `transformers` at run time):
+
+- llava-hf (`model_type: llava` with `text_config`/`vision_config`): transformers' LlavaForConditionalGeneration.
+- original LLaVA / LLaVA-Med v1.5 (`llava_mistral`, `llava_llama`, or `llava` with `mm_projector_type`): an
+  LLM checkpoint with `model.mm_projector.*` added; the CLIP vision tower is a separate checkpoint.
+- a bare CLIP vision checkpoint plus a bare LLaMA/Mistral checkpoint: the starting point of stage 1 when
+  no general-domain LLaVA is at hand; the projector starts fresh.
+
+Our own format is config.json (the LlavaConfig) plus model.safetensors, sharded with an index when large.
+Weights are read tensor by tensor and cast on the way in, so a 7B model loads in bf16 without ever holding
+an fp32 copy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from minillavamed.config import DecoderConfig, LlavaConfig, ProjectorConfig, VisionConfig
+from minillavamed.projector import projector_depth
+
+FORMAT = "minillavamed"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names the file and the key."""
+
+
+# ------------------------------------------------------------------------------------------------ reading
+class WeightFiles:
+    """The tensors of one checkpoint directory: a single file or shards listed in an index."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.where: dict[str, Path] = {}
+        index = next((directory / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                      if (directory / n).exists()), None)
+        if index is not None:
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' in the shard index")
+            self.where = {k: directory / f for k, f in weight_map.items()}
+        else:
+            single = next((directory / n for n in ("model.safetensors", "pytorch_model.bin")
+                           if (directory / n).exists()), None)
+            if single is None:
+                raise CheckpointError(f"{directory}: no model.safetensors, pytorch_model.bin or shard index found")
+            self.where = {k: single for k in self._open(single).keys()}
+        self._handles: dict[Path, object] = {}
+
+    def _open(self, file: Path):
+        if file.suffix == ".bin":
+            # Older CLIP/LLaMA repos ship pickles; weights_only refuses anything but tensors.
+            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            return safe_open(file, framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+    def keys(self):
+        return self.where.keys()
+
+    def get(self, key: str) -> torch.Tensor:
+        file = self.where[key]
+        if file not in self._handles:
+            if not file.exists():
+                raise CheckpointError(f"{file}: shard named in the index is missing (needed for {key!r})")
+            self._handles[file] = self._open(file)
+        handle = self._handles[file]
+        try:
+            return handle[key] if isinstance(handle, dict) else handle.get_tensor(key)
+        except (SafetensorError, KeyError) as e:
+            raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e})") from None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+def _first_prefix(files: WeightFiles, probe: str, candidates: list[str]) -> str | None:
+    return next((p for p in candidates if p + probe in files.where), None)
+
+
+# --------------------------------------------------------------------------------------------- key maps
+# Each map lists (our key, their key) pairs for one part, given their prefix.
+def vision_keys(cfg: VisionConfig, pre: str) -> list[tuple[str, str]]:
+    pairs = [("patch_embed.weight", "embeddings.patch_embedding.weight"),
+             ("cls_token", "embeddings.class_embedding"),
+             ("pos_embed", "embeddings.position_embedding.weight")]
+    for ours, theirs in (("pre_norm", "pre_layrnorm"), ("post_norm", "post_layernorm")):
+        pairs += [(f"{ours}.{p}", f"{theirs}.{p}") for p in ("weight", "bias")]
+    for i in range(cfg.layers):
+        names = {"norm1": "layer_norm1", "norm2": "layer_norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
+                 "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
+                 "attn.wo": "self_attn.out_proj"}
+        pairs += [(f"blocks.{i}.{o}.{p}", f"encoder.layers.{i}.{t}.{p}")
+                  for o, t in names.items() for p in ("weight", "bias")]
+    return [("vision." + o, pre + t) for o, t in pairs]
+
+
+def decoder_keys(cfg: DecoderConfig, pre: str, head: str) -> list[tuple[str, str]]:
+    pairs = [("embed.weight", pre + "embed_tokens.weight"), ("norm.weight", pre + "norm.weight")]
+    if not cfg.tie_embeddings:
+        pairs.append(("lm_head.weight", head))
+    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+             "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
+             "attn.wo": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    pairs += [(f"blocks.{i}.{o}.weight", f"{pre}layers.{i}.{t}.weight")
+              for i in range(cfg.layers) for o, t in names.items()]
+    return [("decoder." + o, t) for o, t in pairs]
+
+
+def projector_keys(cfg: ProjectorConfig, pre: str, style: str) -> list[tuple[str, str]]:
+    """style 'hf': linear_1, linear_2; 'llava': an nn.Sequential (0, 2, ...) or a bare Linear."""
+    depth = projector_depth(cfg.type)
+    pairs = []
+    for i in range(depth):
+        if style == "hf":
+            theirs = f"{pre}linear_{i + 1}"
+        else:
+            theirs = pre.rstrip(".") if cfg.type == "linear" else f"{pre}{2 * i}"
+        pairs += [(f"projector.linears.{i}.{p}", f"{theirs}.{p}") for p in ("weight", "bias")]
+    return pairs
+
+
+# Buffers that older transformers versions saved and that carry no weights.
+IGNORABLE = ("rotary_emb.inv_freq", "embeddings.position_ids")
+# What a full CLIPModel checkpoint holds besides its vision tower.
+CLIP_NOT_VISION = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
+
+
+# ------------------------------------------------------------------------------------- config converters
+def decoder_config_from_hf(c: dict, source: Path) -> DecoderConfig:
+    if c.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {c['hidden_act']!r} is not SwiGLU's silu")
+    heads = c["num_attention_heads"]
+    if c.get("head_dim") not in (None, c["hidden_size"] // heads):
+        raise CheckpointError(f"{source}: head_dim {c['head_dim']} != hidden_size / num_attention_heads")
+    theta = (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0))
+
+    def special(name, default):
+        v = c.get(name)
+        return (v[0] if isinstance(v, list) else v) if v is not None else default
+
+    return DecoderConfig(
+        vocab_size=c["vocab_size"], dim=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
+        kv_heads=c.get("num_key_value_heads") or heads, mlp_dim=c["intermediate_size"],
+        norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+        max_seq_len=c.get("max_position_embeddings", 4096), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        bos_id=special("bos_token_id", 1), eos_id=special("eos_token_id", 2), pad_id=special("pad_token_id", 0),
+    )
+
+
+def vision_config_from_hf(c: dict, select_layer: int, select_feature: str) -> VisionConfig:
+    return VisionConfig(
+        image_size=c["image_size"], patch_size=c["patch_size"], width=c["hidden_size"],
+        layers=c["num_hidden_layers"], heads=c["num_attention_heads"], mlp_dim=c["intermediate_size"],
+        channels=c.get("num_channels", 3), norm_eps=c.get("layer_norm_eps", 1e-5),
+        select_layer=select_layer, select_feature=select_feature,
+    )
+
+
+def _clip_vision_config(directory: Path) -> dict:
+    c = _read_json(directory / "config.json")
+    c = c.get("vision_config", c)  # a full CLIPModel nests it; a CLIPVisionModel is flat
+    if c.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise CheckpointError(f"{directory / 'config.json'}: not a CLIP vision checkpoint")
+    return c
+
+
+def _conv_for(llm_type: str) -> str:
+    return "mistral_instruct" if "mistral" in llm_type else "vicuna_v1"
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_model(path, vision_tower=None, dtype=None, device=None, projector: str = "mlp2x_gelu"):
+    """Build a LlavaMed from any supported layout (see the module docstring); missing, unexpected or
+    mis-shaped tensors raise CheckpointError naming the key and the file."""
+    from minillavamed.llava import LlavaMed
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    meta = _read_json(path / "config.json")
+    files = WeightFiles(path)
+    kind = meta.get("model_type")
+    # (files, [(our key, their key)], prefixes of their keys that are knowingly left unused)
+    sources: list[tuple[WeightFiles, list[tuple[str, str]], tuple[str, ...]]] = []
+    fresh: list[str] = []  # parts that start from random init (the projector of a fresh LLaVA)
+
+    if kind == FORMAT:
+        cfg = LlavaConfig.from_dict({k: v for k, v in meta.items() if k != "model_type"})
+        sources.append((files, [(k, k) for k in _expected_keys(cfg)], ()))
+    elif kind == "llava" and "text_config" in meta:
+        vc, tc = meta["vision_config"], meta["text_config"]
+        layer = meta.get("vision_feature_layer", -2)
+        if not isinstance(layer, int):
+            raise CheckpointError(f"{path / 'config.json'}: vision_feature_layer {layer!r}: only one layer is supported")
+        if meta.get("projector_hidden_act", "gelu") != "gelu":
+            raise CheckpointError(f"{path / 'config.json'}: projector_hidden_act must be gelu")
+        feature = "patch" if meta.get("vision_feature_select_strategy", "default") == "default" else "cls_patch"
+        cfg = LlavaConfig(vision=vision_config_from_hf(vc, layer, feature), projector=ProjectorConfig("mlp2x_gelu"),
+                          decoder=decoder_config_from_hf(tc, path / "config.json"),
+                          conv_template=_conv_for(tc.get("model_type", "llama")), image_aspect_ratio="pad")
+        vis = _first_prefix(files, "embeddings.patch_embedding.weight",
+                            ["vision_tower.vision_model.", "vision_tower.", "model.vision_tower.vision_model.",
+                             "model.vision_tower."])
+        lm = _first_prefix(files, "embed_tokens.weight", ["language_model.model.", "model.language_model."])
+        proj = _first_prefix(files, "linear_1.weight", ["multi_modal_projector.", "model.multi_modal_projector."])
+        head = next((h for h in ("language_model.lm_head.weight", "lm_head.weight") if h in files.where),
+                    "lm_head.weight")
+        if None in (vis, lm, proj):
+            raise CheckpointError(f"{path}: llava-hf config but the weights lack the vision tower, language model "
+                                  f"or projector keys")
+        sources.append((files, vision_keys(cfg.vision, vis) + decoder_keys(cfg.decoder, lm, head)
+                        + projector_keys(cfg.projector, proj, "hf"), ()))
+    elif "mm_vision_tower" in meta or "mm_projector_type" in meta or kind in ("llava_llama", "llava_mistral"):
+        tower_dir = _find_vision_tower(path, meta, vision_tower, files)
+        layer = meta.get("mm_vision_select_layer", -2)
+        feature = meta.get("mm_vision_select_feature", "patch")
+        embedded = _first_prefix(files, "embeddings.patch_embedding.weight",
+                                 ["model.vision_tower.vision_tower.vision_model."])
+        vc = _clip_vision_config(tower_dir) if tower_dir else None
+        if vc is None:
+            raise CheckpointError(f"{path}: no vision tower: pass vision_tower=DIR (a CLIP checkpoint, "
+                                  f"config names {meta.get('mm_vision_tower')!r})")
+        cfg = LlavaConfig(vision=vision_config_from_hf(vc, layer, feature),
+                          projector=ProjectorConfig(meta.get("mm_projector_type", "linear")),
+                          decoder=decoder_config_from_hf(meta, path / "config.json"),
+                          conv_template=_conv_for(kind or ""), image_aspect_ratio=meta.get("image_aspect_ratio", "pad"))
+        llm = decoder_keys(cfg.decoder, "model.", "lm_head.weight") + projector_keys(
+            cfg.projector, "model.mm_projector.", "llava")
+        if embedded and vision_tower is None:
+            sources.append((files, llm + vision_keys(cfg.vision, embedded), ()))
+        else:  # a tower named by the user wins over one saved inside the checkpoint
+            clip = WeightFiles(tower_dir)
+            sources += [(files, llm, ("model.vision_tower.",)),
+                        (clip, vision_keys(cfg.vision, _clip_prefix(clip, tower_dir)), CLIP_NOT_VISION)]
+    elif kind in ("llama", "mistral"):
+        if vision_tower is None:
+            raise CheckpointError(f"{path}: a bare {kind} checkpoint; pass vision_tower=DIR (a CLIP checkpoint) to "
+                                  f"build a fresh LLaVA for stage 1")
+        tower_dir = Path(vision_tower)
+        vc = _clip_vision_config(tower_dir)
+        cfg = LlavaConfig(vision=vision_config_from_hf(vc, -2, "patch"), projector=ProjectorConfig(projector),
+                          decoder=decoder_config_from_hf(meta, path / "config.json"), conv_template=_conv_for(kind))
+        clip = WeightFiles(tower_dir)
+        sources += [(files, decoder_keys(cfg.decoder, "model.", "lm_head.weight"), ()),
+                    (clip, vision_keys(cfg.vision, _clip_prefix(clip, tower_dir)), CLIP_NOT_VISION)]
+        fresh.append("projector.")
+    else:
+        raise CheckpointError(f"{path / 'config.json'}: unknown model_type {kind!r}; expected {FORMAT}, llava, "
+                              f"llava_llama, llava_mistral, llama or mistral")
+
+    with torch.device("meta"):
+        model = LlavaMed(cfg)
+    _fill(model, sources, fresh, dtype or torch.float32, torch.device(device or "cpu"))
+    return model
+
+
+def _find_vision_tower(path: Path, meta: dict, given, files: WeightFiles) -> Path | None:
+    if given is not None:
+        return Path(given)
+    named = meta.get("mm_vision_tower")
+    for candidate in (named, path / str(named)) if named else ():
+        if Path(candidate).is_dir() and (Path(candidate) / "config.json").exists():
+            return Path(candidate)
+    return None
+
+
+def _clip_prefix(clip: WeightFiles, directory: Path) -> str:
+    pre = _first_prefix(clip, "embeddings.patch_embedding.weight", ["vision_model.", "", "vision_tower.vision_model."])
+    if pre is None:
+        raise CheckpointError(f"{directory}: no CLIP vision weights (vision_model.embeddings.patch_embedding.weight)")
+    return pre
+
+
+def _expected_keys(cfg: LlavaConfig) -> list[str]:
+    from minillavamed.llava import LlavaMed
+
+    with torch.device("meta"):
+        return [name for name, _ in LlavaMed(cfg).named_parameters()]  # tied weights are listed once
+
+
+def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, device: torch.device) -> None:
+    """Replace every meta parameter with its checkpoint tensor (cast to dtype, moved to device)."""
+    params = dict(model.named_parameters())
+    wanted = {k for k in params if not any(k.startswith(f) for f in fresh)}
+    if model.cfg.decoder.tie_embeddings:
+        wanted.discard("decoder.lm_head.weight")
+    for files, pairs, unused in sources:
+        mapped = {theirs for _, theirs in pairs}
+        for key in files.keys():
+            if key not in mapped and not key.endswith(IGNORABLE) and not key.startswith(unused):
+                raise CheckpointError(f"{files.where[key]}: unexpected key {key!r}")
+        for ours, theirs in pairs:
+            if theirs not in files.where:
+                raise CheckpointError(f"{files.dir}: missing key {theirs!r} (for {ours})")
+            tensor = files.get(theirs)
+            expected = tuple(params[ours].shape)
+            if tuple(tensor.shape) != expected:
+                raise CheckpointError(f"{files.where[theirs]}: key {theirs!r} has shape {tuple(tensor.shape)}, "
+                                      f"the model expects {expected}")
+            _set_param(model, ours, tensor.to(device=device, dtype=dtype))
+            wanted.discard(ours)
+    if wanted:
+        raise CheckpointError(f"no tensor found for {sorted(wanted)[:5]}{'...' if len(wanted) > 5 else ''}")
+    for prefix in fresh:  # materialize and initialize the parts that start from scratch
+        module = model.get_submodule(prefix.rstrip("."))
+        module.to_empty(device=device)
+        module.to(dtype)
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()  # PyTorch's default init, as LLaVA's freshly built projector gets
+    if model.cfg.decoder.tie_embeddings:
+        model.decoder.lm_head.weight = model.decoder.embed.weight
+
+
+def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    old = getattr(module, leaf)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=old.requires_grad))
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def _write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
+    """model.safetensors, or shards plus model.safetensors.index.json when the total exceeds max_shard_bytes."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if total <= max_shard_bytes:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards, current, size = [], {}, 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k], size = t, size + n
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_model(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Our format: config.json (model_type minillavamed + the LlavaConfig) and the weights."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if model.cfg.decoder.tie_embeddings:
+        state.pop("decoder.lm_head.weight")  # safetensors stores no aliases; loading re-ties it
+    (path / "config.json").write_text(json.dumps({"model_type": FORMAT, **model.cfg.to_dict()}, indent=2))
+    _write_tensors(state, path, max_shard_bytes)
+
+
+def export_llava_hf(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write the transformers llava-hf layout, so that LlavaForConditionalGeneration opens a trained model.
+
+    llava-hf marks image positions with a real token id, so the vocabulary grows by one row for it (id =
+    old vocab size). Its embedding and output rows are the means of the others: the new logit is then the
+    mean logit, which can never win a greedy step.
+    """
+    cfg: LlavaConfig = model.cfg
+    if projector_depth(cfg.projector.type) != 2:
+        raise ValueError(f"llava-hf has a two-layer projector; {cfg.projector.type!r} cannot be exported to it")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    ours_to_theirs = dict(vision_keys(cfg.vision, "vision_tower.vision_model.")
+                          + decoder_keys(cfg.decoder, "language_model.model.", "language_model.lm_head.weight")
+                          + projector_keys(cfg.projector, "multi_modal_projector.", "hf"))
+    tensors = {ours_to_theirs[k]: v for k, v in state.items() if k in ours_to_theirs}
+    image_id = cfg.decoder.vocab_size
+    for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        if key in tensors:
+            w = tensors[key]
+            tensors[key] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype)])
+    d, v = cfg.decoder, cfg.vision
+    text_type = "mistral" if cfg.conv_template == "mistral_instruct" else "llama"
+    config = {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "image_token_index": image_id, "projector_hidden_act": "gelu",
+        "vision_feature_layer": v.select_layer,
+        "vision_feature_select_strategy": "default" if v.select_feature == "patch" else "full",
+        "image_seq_length": v.num_patches, "tie_word_embeddings": d.tie_embeddings,
+        "text_config": {
+            "model_type": text_type, "vocab_size": d.vocab_size + 1, "hidden_size": d.dim,
+            "num_hidden_layers": d.layers, "num_attention_heads": d.heads, "num_key_value_heads": d.kv_heads,
+            "intermediate_size": d.mlp_dim, "rms_norm_eps": d.norm_eps, "rope_theta": d.rope_theta,
+            "max_position_embeddings": d.max_seq_len, "hidden_act": "silu", "tie_word_embeddings": d.tie_embeddings,
+            "bos_token_id": d.bos_id, "eos_token_id": d.eos_id, "pad_token_id": d.pad_id,
+            **({"sliding_window": None} if text_type == "mistral" else {}),
+        },
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_size": v.width, "intermediate_size": v.mlp_dim,
+            "num_hidden_layers": v.layers, "num_attention_heads": v.heads, "image_size": v.image_size,
+            "patch_size": v.patch_size, "num_channels": v.channels, "layer_norm_eps": v.norm_eps,
+            "hidden_act": "quick_gelu",
+        },
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    _write_tensors(tensors, path, max_shard_bytes)

@@ -1,0 +1,144 @@
+"""The language model of LLaVA-Med (paper §4): a LLaMA-style decoder (LLaMA/Vicuna in v1, Mistral in v1.5).
+
+Pre-norm blocks with RMSNorm, rotary position embeddings (RoPE, base `rope_theta`: 1e4 for LLaMA, 1e6 for
+Mistral-7B-v0.2), grouped-query attention (kv_heads < heads shares each key/value head among a group of
+query heads) and a SwiGLU MLP. The decoder takes embeddings rather than token ids so that LLaVA can splice
+image features in among the words (see llava.py). A KV cache makes generation incremental.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from minillavamed.attention import attention, attention_varlen
+from minillavamed.config import DecoderConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 even under bf16: the mean of squares loses too much precision otherwise.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables (..., seqlen, 1, head_dim) for integer positions (..., seqlen)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq
+    # The released checkpoints rotate the two halves of each head (HF's convention), not interleaved pairs.
+    emb = torch.cat([freqs, freqs], dim=-1)[..., None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, so that each generated token costs one step."""
+
+    def __init__(self, cfg: DecoderConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (cfg.layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0  # tokens already cached; advanced by the decoder after each forward
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.length + k.shape[1]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} needed")
+        self.k[layer, :, self.length:end] = k
+        self.v[layer, :, self.length:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen, backend):
+        b, t, _ = x.shape
+        q = apply_rope(self.wq(x).view(b, t, self.heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(b, t, self.kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(b, t, self.kv_heads, self.head_dim)
+        if cu_seqlens is not None:  # packed training rows: batch is 1, segments never see each other
+            out = attention_varlen(q[0], k[0], v[0], cu_seqlens, max_seqlen, causal=True, backend=backend)[None]
+        else:
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
+            out = attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, backend=backend)
+        return self.wo(out.reshape(b, t, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.gate = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
+        self.up = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
+        self.down = nn.Linear(cfg.mlp_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen, backend):
+        x = x + self.attn(self.attn_norm(x), cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen,
+                          backend)
+        h = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))  # SwiGLU
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.backend = "sdpa"
+        # Activation checkpointing: recompute each block in the backward instead of storing its activations.
+        self.checkpointing = False
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """Embeddings (batch, seqlen, dim) at `positions` (batch, seqlen) -> final normalized hidden states.
+
+        `key_padding_mask` (batch, cached + seqlen) marks real tokens; `cu_seqlens` marks the boundaries of
+        samples packed into one row (batch must be 1 then).
+        """
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        x = embeds
+        for i, block in enumerate(self.blocks):
+            args = (cos, sin, i, key_padding_mask, cache, cu_seqlens, max_seqlen, self.backend)
+            if self.checkpointing and self.training:
+                x = checkpoint(block, x, *args, use_reentrant=False)
+            else:
+                x = block(x, *args)
+        if cache is not None:
+            cache.length += embeds.shape[1]
+        return self.norm(x)

@@ -1,0 +1,210 @@
+"""LLaVA-Med, the whole model (paper §4, Fig. 3): image features spliced into the word embeddings.
+
+The prompt carries one sentinel id (IMAGE_TOKEN_INDEX, -200) per image where the chat template put
+`<image>`. The vision tower encodes the image, the projector maps its patch features into the decoder's
+embedding space, and those vectors take the sentinel's place, so that one id in `input_ids` becomes
+`num_patches` positions in the sequence the decoder sees. Labels of image positions are IGNORE_INDEX: the
+model is only ever trained to produce text (captions in stage 1, answers in stage 2).
+
+`generate()` is the one sampling routine of the project (sample.py and evaluation both use it): a batched,
+left-padded prefill followed by one cached step per new token.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minillavamed.attention import BACKENDS
+from minillavamed.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaConfig
+from minillavamed.decoder import Decoder, KVCache
+from minillavamed.projector import Projector
+from minillavamed.vit import VisionTower
+
+
+class LlavaMed(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTower(cfg.vision)
+        self.projector = Projector(cfg.projector.type, cfg.vision.width, cfg.decoder.dim)
+        self.decoder = Decoder(cfg.decoder)
+        self.apply(_init_weights)
+
+    # ---- loading and saving live in checkpoint.py; these are the public entry points ----
+    @classmethod
+    def from_pretrained(cls, path, vision_tower=None, dtype=None, device=None, projector: str = "mlp2x_gelu"):
+        """Load any layout checkpoint.py reads: ours, llava-hf, original LLaVA(-Med), or a bare LLaMA/Mistral
+        checkpoint plus `vision_tower` (a CLIP checkpoint) with a fresh `projector` for stage 1."""
+        from minillavamed.checkpoint import load_model
+
+        return load_model(path, vision_tower=vision_tower, dtype=dtype, device=device, projector=projector)
+
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30) -> None:
+        from minillavamed.checkpoint import save_model
+
+        save_model(self, path, max_shard_bytes=max_shard_bytes)
+
+    def set_attention_backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+        self.vision.backend = self.decoder.backend = backend
+
+    # ---- the model ----
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, 3, H, W) -> (images, num_patches, dim): what replaces each image sentinel."""
+        return self.projector(self.vision(pixel_values))
+
+    def splice(self, input_ids, pixel_values=None, attention_mask=None, labels=None, pad_left=False):
+        """Embed `input_ids` with each sentinel replaced by its image's features, in order of appearance.
+
+        Returns (embeds, key_padding_mask, positions, labels); rows are re-padded (on the left for
+        generation) because a sentinel grows into num_patches positions. Positions count real tokens only,
+        as transformers' generate does, so that padding never shifts RoPE.
+        """
+        batch = input_ids.shape[0]
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        is_image = input_ids == IMAGE_TOKEN_INDEX
+        n_images = int(is_image.sum())
+        n_given = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_images != n_given:
+            raise ValueError(f"input_ids hold {n_images} image sentinel(s) ({IMAGE_TOKEN_INDEX}) but "
+                             f"{n_given} image(s) were given")
+        text = self.decoder.embed(input_ids.masked_fill(is_image, 0))
+        features = self.image_features(pixel_values).to(text.dtype) if n_images else None
+        rows, row_labels, used = [], [], 0
+        for b in range(batch):
+            keep = mask[b]
+            ids, emb = input_ids[b][keep], text[b][keep]
+            lab = labels[b][keep] if labels is not None else None
+            pieces, lab_pieces, start = [], [], 0
+            for p in (ids == IMAGE_TOKEN_INDEX).nonzero()[:, 0].tolist():
+                pieces += [emb[start:p], features[used]]
+                if lab is not None:
+                    lab_pieces += [lab[start:p], lab.new_full((features.shape[1],), IGNORE_INDEX)]
+                used, start = used + 1, p + 1
+            rows.append(torch.cat(pieces + [emb[start:]]))
+            if lab is not None:
+                row_labels.append(torch.cat(lab_pieces + [lab[start:]]))
+        length = max(r.shape[0] for r in rows)
+        embeds = text.new_zeros(batch, length, text.shape[-1])
+        new_mask = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
+        new_labels = None if labels is None else input_ids.new_full((batch, length), IGNORE_INDEX)
+        for b, r in enumerate(rows):
+            span = slice(length - r.shape[0], length) if pad_left else slice(0, r.shape[0])
+            embeds[b, span], new_mask[b, span] = r, True
+            if labels is not None:
+                new_labels[b, span] = row_labels[b]
+        positions = (new_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return embeds, new_mask, positions, new_labels
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
+                cu_seqlens=None, max_seqlen=None):
+        """Logits (batch, seqlen after splicing, vocab) and, with `labels`, the mean next-token loss.
+
+        With `cu_seqlens` the single row holds several samples packed back to back (boundaries counted
+        after splicing); positions restart at each boundary and attention never crosses one.
+        """
+        embeds, mask, positions, labels = self.splice(input_ids, pixel_values, attention_mask, labels)
+        if cu_seqlens is not None:
+            if embeds.shape[0] != 1:
+                raise ValueError("packed rows (cu_seqlens) need a batch of one row")
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            starts = torch.repeat_interleave(cu_seqlens[:-1].to(positions.device), lengths.to(positions.device))
+            positions = (torch.arange(embeds.shape[1], device=positions.device) - starts)[None]
+        # Rows are right-padded, so under the causal mask no real token can see padding: no key mask needed.
+        hidden = self.decoder(embeds, positions, None, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        logits = self.decoder.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        eos_id: int | None = None,
+        stop_strings: Sequence[str] = (),
+        decode: Callable[[list[int]], str] | None = None,
+        generator: torch.Generator | None = None,
+        on_token: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> list[list[int]]:
+        """New token ids for each prompt row (EOS excluded), `temperature` 0 meaning greedy.
+
+        A row stops at `eos_id` (default: the config's) or once its decoded text contains one of
+        `stop_strings` (which needs `decode`); the stop string's tokens are kept for the caller to cut.
+        `on_token(tokens, active)` sees each step's tokens (batch,) and which rows were still running, for
+        streaming.
+        """
+        if stop_strings and decode is None:
+            raise ValueError("stop_strings need a decode function to read the generated text")
+        eos_id = self.cfg.decoder.eos_id if eos_id is None else eos_id
+        embeds, mask, positions, _ = self.splice(input_ids, pixel_values, attention_mask, pad_left=True)
+        batch, length = mask.shape
+        cache = KVCache(self.cfg.decoder, batch, length + max_new_tokens, embeds.dtype, embeds.device)
+        padded = not bool(mask.all())
+        hidden = self.decoder(embeds, positions, mask if padded else None, cache)
+        logits = self.decoder.lm_head(hidden[:, -1]).float()
+        out: list[list[int]] = [[] for _ in range(batch)]
+        active = torch.ones(batch, dtype=torch.bool, device=mask.device)
+        tail = max((len(s) for s in stop_strings), default=0) + 4  # tokens enough to hold any stop string
+        for step in range(max_new_tokens):
+            tokens = sample_next(logits, temperature, top_k, top_p, generator)
+            if on_token is not None:
+                on_token(tokens, active.clone())
+            for b in active.nonzero()[:, 0].tolist():
+                t = int(tokens[b])
+                if t == eos_id:
+                    active[b] = False
+                    continue
+                out[b].append(t)
+                if stop_strings and any(s in decode(out[b][-tail:]) for s in stop_strings):
+                    active[b] = False
+            if not bool(active.any()) or step == max_new_tokens - 1:
+                break
+            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            hidden = self.decoder(self.decoder.embed(tokens[:, None]), positions, mask if padded else None, cache)
+            logits = self.decoder.lm_head(hidden[:, -1]).float()
+        return out
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from (batch, vocab) logits: argmax at temperature 0, else top-k / top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p (the nucleus).
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def _init_weights(module: nn.Module) -> None:
+    """GPT-2/LLaMA-style init for training from scratch (the tiny preset); checkpoints overwrite it."""
+    if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, VisionTower):
+        nn.init.normal_(module.cls_token, std=0.02)
+        nn.init.normal_(module.pos_embed, std=0.02)

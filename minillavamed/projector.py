@@ -1,0 +1,39 @@
+"""The projection layer of LLaVA-Med (paper §4): vision features -> the language model's word embeddings.
+
+LLaVA-Med v1 uses one linear layer (paper Eq. 1); v1.5 uses `mlp2x_gelu`, two linear layers with a GELU
+between. In general `mlp{N}x_gelu` stacks N linear layers with GELUs between, as LLaVA's builder does. In
+stage 1 (biomedical concept alignment) this is the only part that trains.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def projector_depth(kind: str) -> int:
+    """Number of linear layers for a projector name (`linear` = 1, `mlp2x_gelu` = 2, ...)."""
+    if kind == "linear":
+        return 1
+    m = re.fullmatch(r"mlp(\d+)x_gelu", kind)
+    if m is None or int(m.group(1)) < 1:
+        raise ValueError(f"unknown projector type {kind!r}; expected 'linear' or 'mlp<N>x_gelu'")
+    return int(m.group(1))
+
+
+class Projector(nn.Module):
+    def __init__(self, kind: str, vision_width: int, text_dim: int):
+        super().__init__()
+        depth = projector_depth(kind)
+        self.linears = nn.ModuleList(
+            nn.Linear(vision_width if i == 0 else text_dim, text_dim) for i in range(depth)
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.linears[0](features)
+        for linear in self.linears[1:]:
+            x = linear(F.gelu(x))  # exact (erf) GELU, as nn.GELU() in LLaVA's builder
+        return x

@@ -1,0 +1,79 @@
+"""The vision encoder of LLaVA-Med (paper §4): a CLIP ViT, read out at a chosen hidden layer.
+
+LLaVA does not use CLIP's pooled output: it takes the hidden states after block `select_layer` (the
+penultimate one by default), drops the class token, and hands the patch features to the projector. Layers
+after the selected one never influence the output, so `forward` stops there; they are kept as parameters
+only so that CLIP checkpoints load and export whole.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from minillavamed.attention import attention
+from minillavamed.config import VisionConfig
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.wq = nn.Linear(cfg.width, cfg.width)
+        self.wk = nn.Linear(cfg.width, cfg.width)
+        self.wv = nn.Linear(cfg.width, cfg.width)
+        self.wo = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (w(x).view(b, t, self.heads, -1) for w in (self.wq, self.wk, self.wv))
+        return self.wo(attention(q, k, v, causal=False, backend=backend).reshape(b, t, -1))
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm transformer block with CLIP's quick-GELU MLP."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+
+    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), backend)
+        h = self.fc1(self.norm2(x))
+        return x + self.fc2(h * torch.sigmoid(1.702 * h))  # quick-GELU, what CLIP was trained with
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.cls_token = nn.Parameter(torch.zeros(cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.num_patches + 1, cfg.width))
+        self.pre_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
+        self.post_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        # hidden_states[i] is the output of i blocks (0: the normalized embeddings), so select_layer=-2
+        # of 24 blocks means running 23 of them.
+        n = cfg.select_layer if cfg.select_layer >= 0 else cfg.layers + 1 + cfg.select_layer
+        if not 0 <= n <= cfg.layers:
+            raise ValueError(f"select_layer {cfg.select_layer} is out of range for {cfg.layers} layers")
+        self.n_run = n
+        # Parameters past the selected layer get no gradient; freezing them keeps DDP from waiting for one.
+        for block in self.blocks[n:]:
+            block.requires_grad_(False)
+        self.post_norm.requires_grad_(False)
+        self.backend = "sdpa"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(batch, 3, H, W) pixels -> (batch, num_patches, width) features of the selected layer."""
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(x.shape[0], 1, -1)
+        x = self.pre_norm(torch.cat([cls, x], dim=1) + self.pos_embed)
+        for block in self.blocks[: self.n_run]:
+            x = block(x, self.backend)
+        return x[:, 1:] if self.cfg.select_feature == "patch" else x

@@ -1,0 +1,226 @@
+"""The model core against transformers: ViT hidden states, decoder logits, whole-model logits, generation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hf_oracle as hf
+from minillavamed import LlavaMed
+from minillavamed.checkpoint import decoder_config_from_hf, decoder_keys, vision_config_from_hf, vision_keys
+from minillavamed.config import IMAGE_TOKEN_INDEX, preset
+from minillavamed.decoder import Decoder
+from minillavamed.vit import VisionTower
+
+IMG = IMAGE_TOKEN_INDEX
+
+
+def assert_close_scaled(ours, ref, rel=1e-5):
+    """Max abs error <= rel x the reference's scale (its largest magnitude)."""
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=rel * scale)
+
+
+def load_part(module, pairs, hf_state, strip):
+    state = {ours[len(strip):]: hf_state[theirs] for ours, theirs in pairs}
+    module.load_state_dict(state, strict=True)
+    return module.eval()
+
+
+@pytest.mark.parametrize("select_layer", [-2, -1, 1])
+def test_vit_hidden_states_match_clip(select_layer):
+    clip = hf.clip()
+    cfg = vision_config_from_hf(clip.config.to_dict(), select_layer, "patch")
+    ours = load_part(VisionTower(cfg), vision_keys(cfg, ""), clip.state_dict(), "vision.")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = clip(pixels, output_hidden_states=True).hidden_states[select_layer][:, 1:]
+        out = ours(pixels)
+    assert out.shape == (2, 16, 32)
+    assert_close_scaled(out, ref)
+
+
+@pytest.mark.parametrize("factory", [hf.mistral, hf.llama], ids=["mistral-gqa-theta1e6", "llama-mha-theta5e5"])
+def test_decoder_logits_match(factory):
+    ref_model = factory()
+    cfg = decoder_config_from_hf(ref_model.config.to_dict(), "test")
+    ours = load_part(Decoder(cfg), decoder_keys(cfg, "model.", "lm_head.weight"), ref_model.state_dict(), "decoder.")
+    ids = torch.randint(3, cfg.vocab_size, (2, 13))
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+        out = ours.lm_head(ours(ours.embed(ids), torch.arange(13).expand(2, 13)))
+    assert_close_scaled(out, ref)
+
+
+def expand_for_hf(rows, n_patches, pad_left):
+    """Our sentinel prompts -> llava-hf's (image id repeated per patch), padded, with the attention mask."""
+    expanded = [sum(([hf.IMAGE_ID] * n_patches if t == IMG else [t] for t in r), []) for r in rows]
+    return pad(expanded, pad_left)
+
+
+def pad(rows, pad_left, value=0):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if pad_left else slice(0, len(r))
+        ids[i, span], mask[i, span] = torch.tensor(r), 1
+    return ids, mask
+
+
+PROMPTS = [[1, 5, 6, IMG, 7, 8, 9, 10], [1, 11, IMG, 12]]  # image mid-prompt, different lengths
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A tiny llava-hf model and ours, loaded from its save_pretrained directory."""
+    ref = hf.llava()
+    path = tmp_path_factory.mktemp("llava_hf")
+    ref.save_pretrained(path)
+    return ref, LlavaMed.from_pretrained(path).eval()
+
+
+def test_whole_model_logits_match_llava_hf(pair):
+    ref, ours = pair
+    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask = pad(PROMPTS, pad_left=False)
+    hf_ids, hf_mask = expand_for_hf(PROMPTS, 16, pad_left=False)
+    with torch.no_grad():
+        out, _ = ours(ids, pixels, mask)
+        positions = (hf_mask.cumsum(-1) - 1).clamp(min=0)
+        expected = ref(input_ids=hf_ids, pixel_values=pixels, attention_mask=hf_mask, position_ids=positions).logits
+    assert out.shape == expected.shape
+    valid = hf_mask.bool()
+    assert_close_scaled(out[valid], expected[valid])
+
+
+def test_labels_at_image_positions_are_ignored(pair):
+    _, ours = pair
+    ids, mask = pad(PROMPTS, pad_left=False)
+    labels = ids.clone()
+    _, _, _, spliced = ours.splice(ids, torch.randn(2, 3, 32, 32), mask, labels)
+    assert (spliced[0, 3:19] == -100).all() and (spliced[1, 2:18] == -100).all()
+    assert spliced[0, 19].item() == 7 and spliced[1, 18].item() == 12
+    assert (spliced[1, 20:] == -100).all()  # padding
+
+
+def test_image_count_mismatch_is_an_error(pair):
+    _, ours = pair
+    ids, mask = pad(PROMPTS, pad_left=False)
+    with pytest.raises(ValueError, match="2 image sentinel"):
+        ours(ids, torch.randn(1, 3, 32, 32), mask)
+
+
+def test_greedy_generation_matches_transformers(pair):
+    ref, ours = pair
+    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask = pad(PROMPTS, pad_left=True)
+    hf_ids, hf_mask = expand_for_hf(PROMPTS, 16, pad_left=True)
+    with torch.no_grad():
+        expected = ref.generate(input_ids=hf_ids, pixel_values=pixels, attention_mask=hf_mask, max_new_tokens=32,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)[:, hf_ids.shape[1]:]
+    out = ours.generate(ids, pixels, mask, max_new_tokens=32, eos_id=-1)
+    assert expected.shape == (2, 32)
+    assert out == expected.tolist()
+
+
+def test_cached_decoding_equals_full_recomputation(pair):
+    _, ours = pair
+    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask = pad(PROMPTS, pad_left=True)
+    cached = ours.generate(ids, pixels, mask, max_new_tokens=12, eos_id=-1)
+    rows = [list(p) for p in PROMPTS]
+    with torch.no_grad():
+        for _ in range(12):
+            x, m = pad(rows, pad_left=False)
+            logits, _ = ours(x, pixels, m)
+            last = m.sum(1) - 1 + 15  # each row's last real position after its sentinel grew into 16
+            for b in range(2):
+                rows[b].append(int(logits[b, last[b]].argmax()))
+    assert cached == [r[len(p):] for r, p in zip(rows, PROMPTS)]
+
+
+def test_generation_stops_at_eos_and_stop_strings(pair):
+    _, ours = pair
+    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask = pad(PROMPTS, pad_left=True)
+    free = ours.generate(ids, pixels, mask, max_new_tokens=10, eos_id=-1)
+    eos = free[0][3]
+    stopped = ours.generate(ids, pixels, mask, max_new_tokens=10, eos_id=eos)
+    assert stopped[0] == free[0][: free[0].index(eos)]
+    decode = lambda toks: " ".join(map(str, toks))  # noqa: E731 - a stand-in detokenizer
+    marker = str(free[1][4])
+    by_string = ours.generate(ids, pixels, mask, max_new_tokens=10, eos_id=-1, stop_strings=[marker], decode=decode)
+    cut = next(i for i, t in enumerate(free[1]) if marker in decode(free[1][: i + 1]))
+    assert by_string[1] == free[1][: cut + 1]
+    with pytest.raises(ValueError, match="decode"):
+        ours.generate(ids, pixels, mask, stop_strings=["x"])
+
+
+def test_sampling_is_seeded_and_respects_top_k_top_p(pair):
+    _, ours = pair
+    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask = pad(PROMPTS, pad_left=True)
+    greedy = ours.generate(ids, pixels, mask, max_new_tokens=8, eos_id=-1)
+    assert ours.generate(ids, pixels, mask, max_new_tokens=8, eos_id=-1, temperature=1.0, top_k=1) == greedy
+    assert ours.generate(ids, pixels, mask, max_new_tokens=8, eos_id=-1, temperature=1.0, top_p=1e-6) == greedy
+    runs = [ours.generate(ids, pixels, mask, max_new_tokens=8, eos_id=-1, temperature=1.5,
+                          generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_sample_next_top_p_keeps_the_nucleus():
+    from minillavamed.llava import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(sample_next(logits, 1.0, 0, 0.7, g)) for _ in range(200)}
+    assert seen == {0, 1}  # 0.5 alone < 0.7; 0.5 + 0.3 reaches it
+
+
+def test_attention_backends_agree(pair):
+    _, ours = pair
+    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask = pad(PROMPTS, pad_left=False)
+    outs = {}
+    for backend in ("naive", "sdpa"):
+        ours.set_attention_backend(backend)
+        with torch.no_grad():
+            outs[backend] = ours(ids, pixels, mask)[0]
+    ours.set_attention_backend("sdpa")
+    assert_close_scaled(outs["sdpa"], outs["naive"])
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        ours.set_attention_backend("flash")
+
+
+def test_packed_rows_equal_separate_rows(pair):
+    _, ours = pair
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        separate = [ours(torch.tensor([p]), pixels[i:i + 1])[0][0] for i, p in enumerate(PROMPTS)]
+        lengths = [s.shape[0] for s in separate]
+        cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
+        packed, _ = ours(torch.tensor([PROMPTS[0] + PROMPTS[1]]), pixels, cu_seqlens=cu, max_seqlen=max(lengths))
+    assert_close_scaled(packed[0], torch.cat(separate))
+
+
+def test_tiny_preset_trains_one_step():
+    torch.manual_seed(0)
+    model = LlavaMed(preset("tiny"))
+    ids = torch.tensor([[1, IMG, 5, 6, 7]])
+    labels = torch.tensor([[-100, -100, 5, 6, 7]])
+    _, loss = model(ids, torch.randn(1, 3, 64, 64), labels=labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.projector.linears[0].weight.grad.abs().sum() > 0
+    assert model.vision.blocks[-1].fc1.weight.grad is None  # past the selected layer: frozen, unused
+
+
+def test_import_is_light():
+    code = ("import sys, time; t = time.perf_counter(); import minillavamed; "
+            "dt = time.perf_counter() - t; assert 'torch' not in sys.modules, 'imported torch'; print(dt)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 1.0
