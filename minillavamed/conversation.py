@@ -9,9 +9,11 @@ is what the released weights were trained on:
   - `vicuna_v1` / `mistral_instruct`: the round lengths must add up to the whole conversation's length,
     otherwise LLaVA masks the whole sample ("tokenization mismatch") and so do we (the dataset then drops
     it and counts it).
-  - `llava_med_v1` (`###`): every piece's length counts its own BOS, so the mask drifts one token per
-    message: it trains the assistant messages with their "### Assistant:" header and a few tokens of
-    the next human header, which is how the model learned to stop on "###".
+  - `llava_med_v1` (`###`): each message is measured as "### Role: text\n" tokenized alone, BOS
+    included, so the mask drifts at least one token per message. With LLaMA's vocabulary it trains the
+    assistant messages with their "### Assistant:" header plus the first tokens of the next human
+    header (how LLaVA-Med v1 learned to stop on "###"). With a vocabulary that merges "\n###" into one
+    piece (small trained ones) the drift grows and human text gets trained: use vicuna_v1 for new models.
 """
 
 from __future__ import annotations
