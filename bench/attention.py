@@ -59,16 +59,13 @@ def build_shapes(args) -> list[Shape]:
     return shapes
 
 
-def implementations():
+def implementations(with_triton: bool):
     """name -> (layout, attention(q, k, v, causal)). Layout "bshd" is flash-attn's, "bhsd" is SDPA's."""
     impls = {}
-
-    def ours(q, k, v, causal):
+    if with_triton:
         from minillavamed.kernels import flash_attn_func
 
-        return flash_attn_func(q, k, v, causal=causal)
-
-    impls["triton (ours)"] = ("bshd", ours)
+        impls["triton (ours)"] = ("bshd", lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal))
     for name, backend in SDPA_BACKENDS.items():
         def sdpa(q, k, v, causal, backend=backend):
             with sdpa_kernel(backend):
@@ -151,9 +148,7 @@ def main():
     ok, reason = triton_attention_supported(torch.empty(1, 1, 1, 64, device=device, dtype=dtype))
     print(f"device: {name}; dtype: {args.dtype}; torch {torch.__version__}; triton: {reason}")
 
-    impls = implementations()
-    if not ok:
-        del impls["triton (ours)"]
+    impls = implementations(with_triton=ok)
     sdpa_names = [n for n in impls if n.startswith("sdpa")]
     columns = list(impls)
     header = f"{'shape':<18} {'pass':<9}" + "".join(f"{n:>16}" for n in columns)

@@ -34,7 +34,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = (torch.float16, torch.bfloat16) if ON_GPU else (torch.float32,)
 # Max error relative to the largest reference value. float32 only differs from float64 by summation order;
 # the half types round P and the inputs of every matmul (bf16 has 8 mantissa bits).
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
 
 @contextmanager
@@ -85,6 +85,8 @@ FIXED_SHAPES = [
     (1, 40, 40, 8, 2, 16),  # GQA 4
     (1, 33, 97, 2, 1, 16),  # fewer queries than keys (prefill after a cached prefix)
     (2, 97, 33, 4, 2, 16),  # more queries than keys: causal rows that see no key give 0
+    (1, 20, 20, 2, 1, 64),  # the ViT's head dim
+    (1, 9, 9, 2, 2, 128),  # the decoder's head dim
 ]
 
 

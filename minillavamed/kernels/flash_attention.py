@@ -263,7 +263,8 @@ def _tuned(kernel, block_shapes):
     on purpose, so that the tests exercise unaligned causal block boundaries)."""
     if not _ON_GPU:
         return kernel, {"BLOCK_M": 32, "BLOCK_N": 16}
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in block_shapes]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in block_shapes]
     return triton.autotune(configs, key=["HEAD_DIM", "CAUSAL"])(kernel), {}
 
 
