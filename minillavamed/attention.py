@@ -103,6 +103,8 @@ def attention(
         reason = _triton_or_reason(q)
         if reason is None and key_padding_mask is not None and not bool(key_padding_mask.all()):
             reason = "padding masks are not handled by the kernels"
+        if reason is None and tq == 1:
+            return _sdpa(q, k, v, None, False, scale)  # a decode step is memory-bound: nothing to fuse
         if reason is None:
             from minillavamed.kernels import flash_attn_func
 
