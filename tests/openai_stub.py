@@ -30,7 +30,7 @@ class StubServer:
         self.plan = {k: list(v) for k, v in (plan or {}).items()}
         self.reply = reply or (lambda messages: DEFAULT_CONVERSATION)
         self.retry_after, self.slow_s, self.ok_delay_s, self.lifetime_s = retry_after, slow_s, ok_delay_s, lifetime_s
-        self.requests: list[dict] = []  # {"time", "auth", "key", "behaviour", "messages"}
+        self.requests: list[dict] = []  # {"time", "auth", "key", "behaviour", "query", "messages"}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -107,7 +107,8 @@ class StubServer:
                 key, behaviour = stub._next_behaviour(last_user)
                 with stub.lock:
                     stub.requests.append({"time": time.monotonic(), "auth": self.headers.get("Authorization"),
-                                          "key": key, "behaviour": behaviour, "messages": messages})
+                                          "key": key, "behaviour": behaviour, "query": last_user,
+                                          "messages": messages})
                 if behaviour == "429":
                     return self._error(429, "rate limited", {"Retry-After": stub.retry_after})
                 if behaviour == "500":
