@@ -3,8 +3,8 @@
 VQA. The reference (microsoft/LLaVA-Med v1.0.0, llava/eval/run_eval_batch.py + eval_metrics/) lower-cases and
 normalises both answers (VQA-style: punctuation, number words, articles, contractions), then reports
   closed questions: "yes/no accuracy", hit = `normalized_gt in normalized_pred`, a CHARACTER substring test, so
-                    "no" matches "not", "none"->"0"... and "abnormal"; (its first run_eval.py also skipped wrong
-                    closed answers that contained yes/no instead of counting them, fixed in PR #35);
+                    the answer "no" matches "not sure" and "abnormal"; (its first run_eval.py also skipped wrong
+                    closed answers that contained yes/no instead of counting them as wrong, fixed in PR #35);
   open questions:   "recall" from calculate_f1score: tp / (tp + fn) over words, where tp adds the PREDICTION's
                     count of each shared word (so "left left" recalls 2/3 of "left lung").
 Our default rules are word-level: a closed yes/no answer is correct when the first yes/no word of the prediction
@@ -316,9 +316,18 @@ def judge_table(summary: dict) -> str:
     return format_table(["group"] + keys, [[g] + [s[k] for k in keys] for g, s in summary["groups"].items()])
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def load_judge_questions(path: str) -> list[dict]:
+    """Judge questions (JSONL, LLaVA-Med's qa50 layout); errors name the file and line."""
+    questions = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                q = json.loads(line)
+                for key in ("question_id", "text", "fig_caption"):
+                    if key not in q:
+                        raise ValueError(f"{path}:{n}: missing '{key}'")
+                questions.append(q)
+    return questions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> list[dict]:
         client = instruct.ChatClient(cfg)
         try:
-            return await judge_answers(_read_jsonl(args.questions), load_answers(args.answers), client,
+            return await judge_answers(load_judge_questions(args.questions), load_answers(args.answers), client,
                                        args.concurrency)
         finally:
             await client.close()

@@ -108,6 +108,10 @@ def test_bad_inputs_name_file_and_line(tmp_path):
     gt.write_text(json.dumps([dict(GT[0], answer_type="MAYBE")]))
     with pytest.raises(ValueError, match=r"gt.json: record 0: answer_type 'MAYBE'"):
         ev.load_ground_truth(str(gt))
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"question_id": "a", "text": "t", "fig_caption": "c"}\n{"question_id": "b", "text": "t"}\n')
+    with pytest.raises(ValueError, match=r"q.jsonl:2: missing 'fig_caption'"):
+        ev.load_judge_questions(str(q))
 
 
 def test_vqa_cli_writes_json_and_table(tmp_path, capsys):
