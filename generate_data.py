@@ -1,0 +1,218 @@
+"""Data synthesis for the curriculum (paper §3): figure captions -> LLaVA conversation records.
+
+--mode instruct   (stage 2, instruction tuning) a language-only model writes a conversation about each figure
+                  from its caption (and citing sentences with --inline_mentions), through any OpenAI-compatible
+                  endpoint; resumable, every input id ends exactly once in OUT or in the failures file.
+--mode alignment  (stage 1, concept alignment) each caption paired with a sampled "describe the figure"
+                  instruction; no API calls.
+
+python generate_data.py --input IN --output OUT --base_url URL --model NAME [--concurrency N]
+    [--max_retries R] [--timeout S] [--failures FILE]
+The API key comes from OPENAI_API_KEY (Azure: AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY, OPENAI_API_VERSION
+with no --base_url); it never appears in logs, outputs or error messages.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+from minillavamed import instruct
+
+
+def load_records(path: str) -> list[dict]:
+    """PMC-15M style records from a JSON array or JSONL; errors name the file and the record."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        numbered = [(f"record {i}", rec) for i, rec in enumerate(json.loads(text))]
+    else:
+        numbered = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    numbered.append((f"line {i}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}: line {i}: not valid JSON ({e.msg})")
+    seen, out = set(), []
+    for where, rec in numbered:
+        if not isinstance(rec, dict):
+            raise SystemExit(f"{path}: {where}: expected a JSON object")
+        for key in ("pair_id", "image", "fig_caption"):
+            if not isinstance(rec.get(key), str) or not rec[key].strip():
+                raise SystemExit(f"{path}: {where}: missing or empty '{key}'")
+        if rec["pair_id"] in seen:
+            raise SystemExit(f"{path}: {where}: duplicate pair_id {rec['pair_id']!r}")
+        seen.add(rec["pair_id"])
+        out.append(rec)
+    return out
+
+
+def prepare_failures(path: str, retry_failed: bool, input_ids: set[str]) -> set[str]:
+    """Ids already failed. With --retry_failed they are taken out of the file (atomically) to be redone."""
+    rows = instruct.read_jsonl_resume(path)
+    if not retry_failed:
+        return {r["id"] for r in rows}
+    keep = [r for r in rows if r["id"] not in input_ids]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {r["id"] for r in keep}
+
+
+def fmt_duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """One status line: done/total, rate, ETA, tokens and cost so far."""
+
+    def __init__(self, total: int, already: int, args):
+        self.total, self.already, self.args = total, already, args
+        self.done = self.failed = 0
+        self.start = self.last = time.monotonic()
+
+    def line(self, client) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = (self.done + self.failed) / elapsed
+        left = self.total - self.already - self.done - self.failed
+        eta = fmt_duration(left / rate) if rate > 0 else "?"
+        tok_in, tok_out = (client.prompt_tokens, client.completion_tokens) if client else (0, 0)
+        cost = (tok_in * self.args.price_in + tok_out * self.args.price_out) / 1e6
+        return (f"[generate] {self.already + self.done + self.failed}/{self.total} "
+                f"({self.failed} failed) | {rate:.2f} rec/s | ETA {eta} | "
+                f"tokens {tok_in:,} in / {tok_out:,} out | ${cost:.2f}")
+
+    def tick(self, client, force: bool = False) -> None:
+        if force or time.monotonic() - self.last >= self.args.progress_seconds:
+            self.last = time.monotonic()
+            print(self.line(client), file=sys.stderr, flush=True)
+
+
+def dry_run(pending: list[dict], args) -> None:
+    """Print the exact messages of the first request and estimate tokens and cost; no network."""
+    if not pending:
+        print("nothing to do: every record is already in the output or the failures file")
+        return
+    print(json.dumps(instruct.build_messages(pending[0], args.inline_mentions), indent=2, ensure_ascii=False))
+    # Rough estimate: ~4 characters per token for English text; a reply about as long as a few-shot answer.
+    prompt_chars = sum(sum(len(m["content"]) for m in instruct.build_messages(r, args.inline_mentions))
+                       for r in pending)
+    reply_chars = sum(len(f"User: {q}\nAssistant: {a}\n\n") for ex in instruct.FEW_SHOT_EXAMPLES
+                      for q, a in ex["conversation"]) / len(instruct.FEW_SHOT_EXAMPLES)
+    tok_in, tok_out = prompt_chars / 4, len(pending) * reply_chars / 4
+    cost = (tok_in * args.price_in + tok_out * args.price_out) / 1e6
+    print(f"\n[dry run] {len(pending)} requests; estimated tokens (chars/4): {tok_in:,.0f} in, {tok_out:,.0f} out "
+          f"(at most {len(pending) * args.max_tokens:,} out); estimated cost ${cost:,.2f} at "
+          f"${args.price_in}/${args.price_out} per 1M tokens in/out")
+
+
+async def run_instruct(pending: list[dict], args, out, failures, progress) -> int:
+    cfg = instruct.ClientConfig(model=args.model, base_url=args.base_url, temperature=args.temperature,
+                                max_tokens=args.max_tokens, timeout=args.timeout, max_retries=args.max_retries,
+                                backoff_base=args.backoff_base)
+    client = instruct.ChatClient(cfg)
+    queue: asyncio.Queue = asyncio.Queue()
+    for rec in pending:
+        queue.put_nowait(rec)
+
+    async def worker():
+        while not queue.empty():
+            rec = queue.get_nowait()
+            try:
+                reply = await client.complete(instruct.build_messages(rec, args.inline_mentions))
+                row = instruct.to_llava_record(rec, reply, instruct.record_rng(args.seed, rec["pair_id"]))
+            except (instruct.APIFailure, instruct.ReplyError) as e:
+                # Single-threaded event loop: writes from different workers never interleave.
+                failures.write({"id": rec["pair_id"], "reason": instruct.redact(str(e)), "time": time.time()})
+                progress.failed += 1
+            else:
+                out.write(row)
+                progress.done += 1
+            progress.tick(client)
+
+    workers = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
+    try:
+        await asyncio.gather(*workers)
+    except instruct.FatalAPIError as e:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        print(f"error: {instruct.redact(str(e))}; stopping (re-run to resume)", file=sys.stderr)
+        return 2
+    finally:
+        progress.tick(client, force=True)
+        await client.close()
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="figure-caption records, JSON array or JSONL")
+    p.add_argument("--output", required=True, help="JSONL of LLaVA conversation records (appended to)")
+    p.add_argument("--mode", choices=["instruct", "alignment"], default="instruct")
+    p.add_argument("--failures", help="JSONL of failed ids with reasons (default: OUTPUT.failures.jsonl)")
+    p.add_argument("--base_url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", help="model (Azure: deployment) name; required in instruct mode")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max_tokens", type=int, default=1024)
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--max_retries", type=int, default=5, help="retries per record after the first attempt")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--backoff_base", type=float, default=1.0, help="seconds; retry k waits ~base*2^k")
+    p.add_argument("--inline_mentions", action="store_true", help="add the sentences citing the figure")
+    p.add_argument("--limit", type=int, help="only the first N input records")
+    p.add_argument("--dry_run", action="store_true", help="print the messages and a cost estimate; no network")
+    p.add_argument("--retry_failed", action="store_true", help="redo the ids in the failures file")
+    p.add_argument("--seed", type=int, default=0, help="seeds instruction sampling and <image> placement")
+    p.add_argument("--price_in", type=float, default=30.0, help="USD per 1M prompt tokens (GPT-4 8K list price)")
+    p.add_argument("--price_out", type=float, default=60.0, help="USD per 1M completion tokens")
+    p.add_argument("--progress_seconds", type=float, default=5.0, help="seconds between progress lines")
+    args = p.parse_args()
+    if args.mode == "instruct" and not args.model and not args.dry_run:
+        p.error("--model is required in instruct mode")
+    if args.concurrency < 1 or args.max_retries < 0:
+        p.error("--concurrency must be >= 1 and --max_retries >= 0")
+    failures_path = args.failures or args.output + ".failures.jsonl"
+
+    records = load_records(args.input)[:args.limit]
+    input_ids = {r["pair_id"] for r in records}
+    done = {r["id"] for r in instruct.read_jsonl_resume(args.output)}
+    failed = prepare_failures(failures_path, args.retry_failed and not args.dry_run, input_ids)
+    if done & failed:
+        raise SystemExit(f"ids in both {args.output} and {failures_path}: {sorted(done & failed)[:5]}")
+    pending = [r for r in records if r["pair_id"] not in done and r["pair_id"] not in failed]
+    already = len(records) - len(pending)
+    if args.dry_run:
+        if args.mode == "alignment":
+            print(f"[dry run] alignment mode makes no API calls; {len(pending)} records to write")
+        else:
+            dry_run(pending, args)
+        return 0
+
+    out, failures = instruct.JsonlAppender(args.output), instruct.JsonlAppender(failures_path)
+    progress = Progress(len(records), already, args)
+    try:
+        if args.mode == "alignment":
+            for rec in pending:
+                out.write(instruct.alignment_record(rec, instruct.record_rng(args.seed, rec["pair_id"])))
+                progress.done += 1
+            progress.tick(None, force=True)
+            return 0
+        return asyncio.run(run_instruct(pending, args, out, failures, progress))
+    except instruct.FatalAPIError as e:
+        print(f"error: {instruct.redact(str(e))}", file=sys.stderr)
+        return 2
+    finally:
+        out.close()
+        failures.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""Evaluation (paper §5): LLaVA-Med's VQA metrics and the GPT-4-judged conversation evaluation.
+
+VQA. The reference (microsoft/LLaVA-Med v1.0.0, llava/eval/run_eval_batch.py + eval_metrics/) lower-cases and
+normalises both answers (VQA-style: punctuation, number words, articles, contractions), then reports
+  closed questions: "yes/no accuracy", hit = `normalized_gt in normalized_pred`, a CHARACTER substring test, so
+                    the answer "no" matches "not sure" and "abnormal"; (its first run_eval.py also skipped wrong
+                    closed answers that contained yes/no instead of counting them as wrong, fixed in PR #35);
+  open questions:   "recall" from calculate_f1score: tp / (tp + fn) over words, where tp adds the PREDICTION's
+                    count of each shared word (so "left left" recalls 2/3 of "left lung").
+Our default rules are word-level: a closed yes/no answer is correct when the first yes/no word of the prediction
+is the ground truth; other closed answers when the ground-truth words appear contiguously in the prediction;
+open recall = clipped word overlap / ground-truth words. `substring_compat=True` reproduces the reference's two
+published numbers exactly (its substring hit and its recall formula) for comparison with the paper's tables.
+Exact match (normalised strings equal) and token F1 (SQuAD-style, clipped counts) are ours; the reference's
+"exact match score" is a different quantity and is not reproduced.
+
+Judge. A text-only model answers each question from the figure caption and context (the reference answer,
+unless the question file carries one in "gpt4_answer"); the judge rates both answers 1-10 for helpfulness,
+relevance, accuracy and level of detail; relative score = mean over questions of model / reference x 100 (the
+reference's summarize_gpt_review.py averages per-question ratios), by question type, by domain and overall.
+
+python -m minillavamed.evaluation vqa --gt GT.json --answers ANSWERS.jsonl [--out SCORES.json]
+python -m minillavamed.evaluation judge --questions Q.jsonl --answers ANSWERS.jsonl --model NAME [--base_url URL]
+"""
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+from collections import Counter, defaultdict
+
+from minillavamed import instruct
+
+# ----------------------------------------------------------------------------- answer normalisation
+
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+# Kept as the reference wrote it: "(?!<=\d)" was meant as a look-behind, so only periods followed by a digit
+# survive ("3.5" stays, "1." loses its period).
+_PERIOD_RE = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_NUMBER_IN_COMMAS_RE = re.compile(r"(\d)(,)(\d)")
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+# Contractions written without apostrophes are restored (the VQA evaluation's table): every form below, with
+# any of its apostrophes dropped, maps back to it. The reference's "I" forms are keyed in capitals and never fire
+# after lower-casing, so they are left out here too.
+_CONTRACTED = ("ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't "
+               "haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am "
+               "mightn't mightn't've might've mustn't must've needn't not've o'clock oughtn't shan't she'd've "
+               "should've shouldn't shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've "
+               "someone'll someone's something'd something'd've something'll that's there'd there'd've there're "
+               "there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll "
+               "what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll "
+               "why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll "
+               "you're you've").split()
+
+
+def _apostrophe_variants(form: str) -> set[str]:
+    parts = form.split("'")
+    variants = {""}
+    for i, part in enumerate(parts):
+        variants = {v + part for v in variants} if i == 0 else {v + sep + part for v in variants for sep in ("", "'")}
+    return variants - {form}
+
+
+_CONTRACTIONS = {v: form for form in _CONTRACTED for v in _apostrophe_variants(form)}
+
+
+def normalize_answer(text: str) -> str:
+    """The reference's answer normalisation: lower-case, punctuation, number words, articles, contractions."""
+    text = str(text).lower()
+    # A mark touching a space anywhere in the answer is deleted (so "left / right" leaves no empty word),
+    # otherwise it becomes a space ("left/right" -> two words); an answer holding a number written with commas
+    # has every mark deleted.
+    number_with_commas = _NUMBER_IN_COMMAS_RE.search(text) is not None
+    out = text
+    for p in _PUNCT:
+        out = out.replace(p, "" if (p + " " in text or " " + p in text or number_with_commas) else " ")
+    out = _PERIOD_RE.sub("", out)
+    words = [_NUMBER_WORDS.get(w, w) for w in out.split()]
+    words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
+    return " ".join(words).replace(",", "")
+
+
+def _tokens(text: str) -> list[str]:
+    return normalize_answer(text).split()
+
+
+# ----------------------------------------------------------------------------- VQA metrics
+
+def closed_correct(pred: str, gt: str, substring_compat: bool = False) -> bool:
+    """Closed-set hit. Word-level by default; substring_compat is the reference's `gt in pred` on strings."""
+    if substring_compat:
+        return normalize_answer(gt) in normalize_answer(pred)
+    p, g = _tokens(pred), _tokens(gt)
+    if not g:
+        return False
+    if g in (["yes"], ["no"]):
+        # The first yes/no word is the answer: "no, there is no mass" is no; "not sure" answers nothing.
+        first = next((w for w in p if w in ("yes", "no")), None)
+        return first == g[0]
+    return any(p[i:i + len(g)] == g for i in range(len(p) - len(g) + 1))
+
+
+def open_recall(pred: str, gt: str, substring_compat: bool = False) -> float:
+    """Fraction of ground-truth words found in the prediction (clipped counts; see module doc for compat)."""
+    p, g = Counter(_tokens(pred)), Counter(_tokens(gt))
+    if not p or not g:
+        return 0.0
+    if substring_compat:
+        tp = sum(p[w] for w in p if w in g)
+        fn = sum(g[w] for w in g if w not in p)
+        return tp / (tp + fn) if tp else 0.0
+    return sum((p & g).values()) / sum(g.values())
+
+
+def exact_match(pred: str, gt: str) -> float:
+    return float(normalize_answer(pred) == normalize_answer(gt))
+
+
+def token_f1(pred: str, gt: str) -> float:
+    p, g = Counter(_tokens(pred)), Counter(_tokens(gt))
+    common = sum((p & g).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / sum(p.values()), common / sum(g.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def vqa_rad_test_split(path: str) -> list[dict]:
+    """The official VQA-RAD test split (phrase_type test_freeform / test_para) as LLaVA-format ground truth."""
+    with open(path, encoding="utf-8") as f:
+        release = json.load(f)
+    return [{"id": str(r["qid"]), "image": r["image_name"], "answer_type": r["answer_type"].strip(),
+             "conversations": [{"from": "human", "value": "<image>\n" + r["question"]},
+                               {"from": "gpt", "value": str(r["answer"])}]}
+            for r in release if r["phrase_type"] in ("test_freeform", "test_para")]
+
+
+def load_ground_truth(path: str) -> list[dict]:
+    """LLaVA-format VQA ground truth (JSON array), or the VQA-RAD release file (its official test split)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if data and isinstance(data, list) and "phrase_type" in data[0]:
+        return vqa_rad_test_split(path)
+    for i, r in enumerate(data):
+        for key in ("id", "conversations", "answer_type"):
+            if key not in r:
+                raise ValueError(f"{path}: record {i}: missing '{key}'")
+        if str(r["answer_type"]).strip().upper() not in ("CLOSED", "OPEN"):
+            raise ValueError(f"{path}: record {i}: answer_type {r['answer_type']!r} is not CLOSED or OPEN")
+    return data
+
+
+def load_answers(path: str) -> dict[str, str]:
+    """question_id -> text from a JSONL answers file (sample.py's output); duplicates are an error."""
+    answers = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                qid, text = str(row["question_id"]), row["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with question_id and text ({e})") from None
+            if qid in answers:
+                raise ValueError(f"{path}:{n}: duplicate question_id {qid!r}")
+            answers[qid] = text
+    return answers
+
+
+def score_vqa(ground_truth: list[dict], answers: dict[str, str], substring_compat: bool = False) -> dict:
+    """Scores in percent per answer type and overall; a missing answer scores zero and is listed."""
+    groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    missing, rows = [], []
+    for r in ground_truth:
+        qid, kind = str(r["id"]), str(r["answer_type"]).strip().upper()
+        gt = r["conversations"][1]["value"]
+        pred = answers.get(qid)
+        is_missing = pred is None
+        if is_missing:
+            missing.append(qid)
+            pred = ""
+        em, f1 = exact_match(pred, gt), token_f1(pred, gt)
+        row = {"id": qid, "answer_type": kind, "gt": gt, "pred": pred, "exact_match": em, "token_f1": f1}
+        if kind == "CLOSED":
+            row["correct"] = float(closed_correct(pred, gt, substring_compat))
+            groups[kind]["closed_accuracy"].append(row["correct"])
+        else:
+            row["recall"] = open_recall(pred, gt, substring_compat)
+            groups[kind]["open_recall"].append(row["recall"])
+        for g in (kind, "overall"):
+            groups[g]["exact_match"].append(em)
+            groups[g]["token_f1"].append(f1)
+            groups[g]["missing"].append(float(is_missing))
+        rows.append(row)
+    summary = {}
+    for g in ("CLOSED", "OPEN", "overall"):
+        if g not in groups:
+            continue
+        m = groups[g]
+        summary[g] = {"n": len(m["exact_match"]), "missing": int(sum(m["missing"]))}
+        for key in ("closed_accuracy", "open_recall", "exact_match", "token_f1"):
+            summary[g][key] = 100 * sum(m[key]) / len(m[key]) if m.get(key) else None
+    unexpected = sorted(set(answers) - {str(r["id"]) for r in ground_truth})
+    return {"substring_compat": substring_compat, "scores": summary, "missing_ids": missing,
+            "unexpected_answer_ids": unexpected, "per_question": rows}
+
+
+def format_table(header: list[str], rows: list[list]) -> str:
+    cells = [[f"{v:.2f}" if isinstance(v, float) else "-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *cells)]
+    line = lambda row: "  ".join(str(x).rjust(w) for x, w in zip(row, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def vqa_table(result: dict) -> str:
+    keys = ["n", "missing", "closed_accuracy", "open_recall", "exact_match", "token_f1"]
+    return format_table(["type"] + keys, [[g] + [s[k] for k in keys] for g, s in result["scores"].items()])
+
+
+# ----------------------------------------------------------------------------- GPT-4-judged conversations
+
+REFERENCE_SYSTEM = ("You are a biomedical expert. You cannot see the figure, but you are given its caption and "
+                    "the sentences of the article that mention it. Answer the user's question about the figure "
+                    "as if you were looking at it, without mentioning the caption or the text.")
+JUDGE_SYSTEM = "You are a careful, impartial reviewer of answers to questions about biomedical images."
+JUDGE_INSTRUCTION = (
+    "Two AI assistants answered the question above about a biomedical image. You cannot see the image; the "
+    "caption and context describe it. Rate each answer for helpfulness, relevance, accuracy and level of detail, "
+    "as one overall score from 1 to 10 (higher is better).\n"
+    "On the first line write only the two scores, Assistant 1 first, separated by a space. From the next line "
+    "on, explain your rating; the order of the answers must not influence it.")
+
+
+def _context_text(q: dict) -> str:
+    mentions = q.get("in_text_mention") or []
+    mentions = [mentions] if isinstance(mentions, str) else mentions
+    return instruct.figure_context({**q, "in_text_mention": mentions}, inline_mentions=True)
+
+
+def reference_messages(q: dict) -> list[dict]:
+    """The text-only reference answer's request: caption + context + the question, no image."""
+    return [{"role": "system", "content": REFERENCE_SYSTEM},
+            {"role": "user", "content": f"{_context_text(q)}\n\nQuestion: {q['text']}"}]
+
+
+def judge_messages(q: dict, reference_answer: str, model_answer: str) -> list[dict]:
+    """Assistant 1 is the reference, Assistant 2 the model, as in the reference's fixed order."""
+    body = (f"[Context]\n{_context_text(q)}\n\n[Question]\n{q['text']}\n\n"
+            f"[Assistant 1]\n{reference_answer}\n[End of Assistant 1]\n\n"
+            f"[Assistant 2]\n{model_answer}\n[End of Assistant 2]\n\n[Instruction]\n{JUDGE_INSTRUCTION}")
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": body}]
+
+
+def parse_judge_scores(text: str) -> tuple[float, float]:
+    """The two scores on the reply's first non-empty line ("8 6", "8/10 6/10", "Assistant 1: 8, Assistant 2: 6")."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    stripped = re.sub(r"/\s*10\b", " ", re.sub(r"assistant\s*[12]", " ", first, flags=re.IGNORECASE))
+    nums = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", stripped)]
+    if len(nums) != 2 or not all(1 <= x <= 10 for x in nums):
+        raise ValueError(f"expected two scores 1-10 on the first line of the review, got {first[:80]!r}")
+    return nums[0], nums[1]
+
+
+def question_domain(q: dict) -> str:
+    domain = q.get("domain")
+    if isinstance(domain, dict):  # LLaVA-Med's {"chest_xray": true, "mri": false, ...}
+        return next((k for k, v in domain.items() if v), "unknown")
+    return domain or "unknown"
+
+
+async def judge_answers(questions: list[dict], answers: dict[str, str], client: instruct.ChatClient,
+                        concurrency: int = 4) -> list[dict]:
+    """One review row per question; errors (API, unparseable review, missing answer) are kept in the row."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(q: dict) -> dict:
+        qid = str(q["question_id"])
+        row = {"question_id": qid, "type": q.get("type", "unknown"), "domain": question_domain(q)}
+        if qid not in answers:
+            return {**row, "error": "missing answer"}
+        async with sem:
+            try:
+                ref = q.get("gpt4_answer") or await client.complete(reference_messages(q))
+                review = await client.complete(judge_messages(q, ref, answers[qid]))
+                ref_score, model_score = parse_judge_scores(review)
+            except (instruct.APIFailure, ValueError) as e:
+                return {**row, "error": instruct.redact(str(e))}
+        return {**row, "reference_answer": ref, "model_answer": answers[qid], "review": review,
+                "reference_score": ref_score, "model_score": model_score}
+
+    return list(await asyncio.gather(*(one(q) for q in questions)))
+
+
+def summarize_judgments(rows: list[dict]) -> dict:
+    """Mean scores and relative score (mean of model/reference x 100) by type, by domain and overall."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if "error" not in r:
+            for g in (f"type:{r['type']}", f"domain:{r['domain']}", "overall"):
+                groups[g].append(r)
+    out = {}
+    for g, rs in sorted(groups.items(), key=lambda kv: (kv[0] == "overall", kv[0])):
+        out[g] = {"n": len(rs),
+                  "reference_score": sum(r["reference_score"] for r in rs) / len(rs),
+                  "model_score": sum(r["model_score"] for r in rs) / len(rs),
+                  "relative_score": 100 * sum(r["model_score"] / r["reference_score"] for r in rs) / len(rs)}
+    return {"groups": out, "errors": {r["question_id"]: r["error"] for r in rows if "error" in r}}
+
+
+def judge_table(summary: dict) -> str:
+    keys = ["n", "reference_score", "model_score", "relative_score"]
+    return format_table(["group"] + keys, [[g] + [s[k] for k in keys] for g, s in summary["groups"].items()])
+
+
+def load_judge_questions(path: str) -> list[dict]:
+    """Judge questions (JSONL, LLaVA-Med's qa50 layout); errors name the file and line."""
+    questions = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                q = json.loads(line)
+                for key in ("question_id", "text", "fig_caption"):
+                    if key not in q:
+                        raise ValueError(f"{path}:{n}: missing '{key}'")
+                questions.append(q)
+    return questions
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("vqa", help="closed accuracy, open recall, exact match and token F1")
+    v.add_argument("--gt", required=True, help="LLaVA-format VQA JSON, or the VQA-RAD release file")
+    v.add_argument("--answers", required=True, help="JSONL with question_id and text")
+    v.add_argument("--out", help="write the scores (and per-question rows) as JSON")
+    v.add_argument("--substring_compat", action="store_true", help="the reference's substring rule and recall")
+    j = sub.add_parser("judge", help="GPT-4-judged conversation evaluation")
+    j.add_argument("--questions", required=True, help="JSONL: question_id, text, type, domain, fig_caption, ...")
+    j.add_argument("--answers", required=True, help="JSONL with question_id and text")
+    j.add_argument("--model", required=True, help="judge (and reference answer) model or Azure deployment")
+    j.add_argument("--base_url", help="OpenAI-compatible endpoint; the key comes from OPENAI_API_KEY")
+    j.add_argument("--reviews", help="write one review per question (JSONL)")
+    j.add_argument("--out", help="write the summary as JSON")
+    j.add_argument("--concurrency", type=int, default=4)
+    j.add_argument("--max_retries", type=int, default=5)
+    j.add_argument("--timeout", type=float, default=60.0)
+    j.add_argument("--backoff_base", type=float, default=1.0)
+    args = p.parse_args(argv)
+
+    if args.command == "vqa":
+        result = score_vqa(load_ground_truth(args.gt), load_answers(args.answers), args.substring_compat)
+        print(vqa_table(result))
+        if result["missing_ids"]:
+            print(f"{len(result['missing_ids'])} questions have no answer (scored as wrong): "
+                  f"{', '.join(result['missing_ids'][:10])}{' ...' if len(result['missing_ids']) > 10 else ''}")
+        if result["unexpected_answer_ids"]:
+            print(f"{len(result['unexpected_answer_ids'])} answers match no question and were ignored")
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=1, ensure_ascii=False)
+        return 0
+
+    cfg = instruct.ClientConfig(model=args.model, base_url=args.base_url, temperature=0.0, timeout=args.timeout,
+                                max_retries=args.max_retries, backoff_base=args.backoff_base)
+
+    async def run() -> list[dict]:
+        client = instruct.ChatClient(cfg)
+        try:
+            return await judge_answers(load_judge_questions(args.questions), load_answers(args.answers), client,
+                                       args.concurrency)
+        finally:
+            await client.close()
+
+    try:
+        rows = asyncio.run(run())
+    except instruct.FatalAPIError as e:
+        print(f"error: {instruct.redact(str(e))}", file=sys.stderr)
+        return 2
+    summary = summarize_judgments(rows)
+    print(judge_table(summary))
+    if summary["errors"]:
+        print(f"{len(summary['errors'])} questions not scored (excluded): "
+              + "; ".join(f"{k}: {v}" for k, v in list(summary["errors"].items())[:5]))
+    if args.reviews:
+        with open(args.reviews, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

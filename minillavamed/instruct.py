@@ -1,0 +1,475 @@
+"""GPT-4 self-instruct data synthesis (paper §3, "Biomedical Visual Instruction-Following Data").
+
+A language-only model is shown a figure's caption (and, for the "inline mention" variant, the sentences of the
+paper that cite the figure) and writes a conversation about the figure as if both sides could see it. This file
+holds every piece of that except the run loop: the system prompt, our own few-shot examples for the five
+domains (chest X-ray, CT, MRI, histology, gross pathology), query building, reply parsing and post-processing
+into LLaVA conversation records, the concept-alignment records of stage 1, the resumable JSONL files, and the
+asynchronous OpenAI-compatible client (retries, backoff, Retry-After, timeouts) that the judge evaluation
+in evaluation.py shares.
+"""
+
+import asyncio
+import email.utils
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+
+import openai
+
+# ----------------------------------------------------------------------------- prompts
+
+SYSTEM_PROMPT = """You are an AI assistant with expertise in biomedicine and medical imaging.
+
+You are given the caption of a figure from a biomedical research article and, sometimes, sentences from the \
+article that refer to the figure (Figure Context). You cannot see the figure itself.
+
+Write a conversation between a person (User) who is looking at the figure and asks about it, and you \
+(Assistant) answering. Write it as if both of you were looking at the image, never as if you had read a text.
+
+Rules:
+- Ask about what can be seen: the imaging modality, the anatomy or tissue, the findings, their location, size \
+and appearance, and what they may indicate. Vary the kinds of questions.
+- Never say "caption", "context", "description" or "mentioned"; say what is visible "in the image".
+- Do not quote identifiers that only a text would reveal (panel letters, patient numbers, dates, author names).
+- Include at least two rounds of question and answer. Answers are detailed and careful about uncertainty.
+- Do not give medical advice or a diagnosis for a real person; suggest a healthcare professional when relevant.
+- Format every turn on its own line starting with "User:" or "Assistant:"."""
+
+# Our own examples, one per domain. Each shows the format and the tone: image-grounded questions, no mention of
+# the text the conversation was written from.
+FEW_SHOT_EXAMPLES = [
+    {"domain": "chest_xray", "fig_label": "Figure 2",
+     "fig_caption": "Frontal chest radiograph showing a large left-sided pleural effusion with blunting of the "
+                    "costophrenic angle and mild mediastinal shift to the right.",
+     "in_text_mention": ["On admission the chest film (Figure 2) showed a large effusion on the left, which was "
+                         "drained the same day."],
+     "conversation": [
+         ("What kind of image is this?",
+          "This is a frontal (posteroanterior or anteroposterior) chest X-ray showing the lungs, heart, "
+          "mediastinum and the bony thorax."),
+         ("Which side looks abnormal?",
+          "The left hemithorax looks abnormal. Its lower part is uniformly white, which is typical of fluid "
+          "collecting in the pleural space, a pleural effusion. The sharp angle where the diaphragm meets the "
+          "chest wall on that side is lost."),
+         ("Is anything else displaced?",
+          "The mediastinum, including the heart and trachea, appears pushed slightly toward the right. A large "
+          "collection of fluid can push these structures away from the affected side. A physician would "
+          "correlate this with the clinical picture.")]},
+    {"domain": "ct_scan", "fig_label": "Fig. 1",
+     "fig_caption": "Axial contrast-enhanced CT of the abdomen demonstrating a 4 cm hypodense lesion in the "
+                    "right hepatic lobe with peripheral rim enhancement, consistent with a hepatic abscess.",
+     "in_text_mention": [],
+     "conversation": [
+         ("Which organ is the main finding in?",
+          "The main finding is in the liver, in its right lobe. The slice is an axial CT of the upper abdomen "
+          "taken after intravenous contrast."),
+         ("How does the lesion look?",
+          "It is a rounded area darker than the surrounding liver, meaning lower attenuation, a few "
+          "centimetres across. Its rim is brighter than its centre, so the wall takes up contrast while the "
+          "core does not."),
+         ("What could cause that appearance?",
+          "A dark centre with an enhancing rim is often seen with a collection such as an abscess, although "
+          "some tumours with a dead centre can look similar. Confirming the cause needs clinical information "
+          "and often further tests.")]},
+    {"domain": "mri", "fig_label": "Figure 3",
+     "fig_caption": "Axial T2-FLAIR MRI showing confluent periventricular white matter hyperintensities and a "
+                    "few ovoid lesions perpendicular to the lateral ventricles.",
+     "in_text_mention": ["The lesion pattern on MRI (Figure 3) supported the diagnosis of a demyelinating "
+                         "disease."],
+     "conversation": [
+         ("What is shown in this scan?",
+          "This is an axial MRI slice of the brain, a FLAIR sequence, in which fluid in the ventricles is "
+          "dark and many abnormalities of the brain tissue appear bright."),
+         ("Where are the bright spots?",
+          "The bright areas sit in the white matter around the lateral ventricles. Some merge into larger "
+          "patches, and a few are oval and point away from the ventricles at right angles."),
+         ("What do such lesions usually suggest?",
+          "Oval lesions oriented perpendicular to the ventricles are a pattern often associated with "
+          "demyelinating diseases such as multiple sclerosis, but other conditions can produce white matter "
+          "bright spots, so a neurologist interprets them together with the clinical findings.")]},
+    {"domain": "histology", "fig_label": "Figure 4",
+     "fig_caption": "H&E stained section (x200) of colonic mucosa showing crypt distortion, crypt abscesses "
+                    "and a dense lymphoplasmacytic infiltrate in the lamina propria.",
+     "in_text_mention": ["Biopsies (Figure 4) showed features of chronic active colitis."],
+     "conversation": [
+         ("What tissue is this and how is it stained?",
+          "This is a microscopic section of the lining of the large bowel, stained with haematoxylin and "
+          "eosin, where nuclei are purple-blue and cytoplasm and connective tissue are pink."),
+         ("Do the glands look normal?",
+          "No. Normal colonic crypts are straight and evenly spaced like test tubes in a rack. Here they are "
+          "irregular, branched and unevenly spaced, and some contain clusters of inflammatory cells inside "
+          "their lumen."),
+         ("What are the many small dark cells between the glands?",
+          "They are inflammatory cells, mainly lymphocytes and plasma cells, crowding the connective tissue "
+          "between the crypts. Together with the distorted glands, this pattern points to long-standing "
+          "inflammation of the bowel lining.")]},
+    {"domain": "gross", "fig_label": "Figure 5",
+     "fig_caption": "Gross photograph of a bisected kidney with a well-circumscribed, golden-yellow tumour at "
+                    "the upper pole showing areas of haemorrhage and necrosis.",
+     "in_text_mention": [],
+     "conversation": [
+         ("What organ is in this photograph?",
+          "It is a kidney that has been cut in half lengthwise after removal, showing its cut surface with "
+          "the outer cortex and the inner medulla and collecting system."),
+         ("What stands out on the cut surface?",
+          "At one pole there is a rounded mass with a clear border. Much of it is golden yellow, with dark "
+          "red areas that look like bleeding and pale, soft-looking areas that may be dead tissue."),
+         ("Does the colour tell us anything?",
+          "A golden-yellow cut surface is typical of tumours rich in lipid, a classic look of clear cell renal "
+          "cell carcinoma, but only microscopic examination by a pathologist can establish the diagnosis.")]},
+]
+
+# Stage 1 (concept alignment) instructions; one is sampled per caption. Our own wording.
+DESCRIBE_INSTRUCTIONS = [
+    "Describe the figure.",
+    "Describe the image concisely.",
+    "What does this image show?",
+    "Summarize the content of this figure.",
+    "Provide a short description of the biomedical image.",
+    "Write a caption for this figure.",
+    "What is shown in this picture?",
+    "Explain what can be seen in this image.",
+    "Give a brief account of the visual content of the figure.",
+    "Describe the main findings visible in this image.",
+]
+
+
+def figure_context(record: dict, inline_mentions: bool) -> str:
+    """The query text: caption (with its label), plus the citing sentences when inline mentions are on."""
+    label = record.get("fig_label")
+    text = "Figure Caption:\n" + (f"{label}: " if label else "") + record["fig_caption"].strip()
+    mentions = [m.strip() for m in (record.get("in_text_mention") or []) if m and m.strip()]
+    if inline_mentions and mentions:
+        text += "\n\nFigure Context:\n" + "\n".join(f"- {m}" for m in mentions)
+    return text
+
+
+def build_messages(record: dict, inline_mentions: bool = False) -> list[dict]:
+    """System prompt, the five few-shot exchanges (all in every query, as the paper does), then the query."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for ex in FEW_SHOT_EXAMPLES:
+        reply = "\n\n".join(f"User: {q}\nAssistant: {a}" for q, a in ex["conversation"])
+        messages += [{"role": "user", "content": figure_context(ex, inline_mentions)},
+                     {"role": "assistant", "content": reply}]
+    messages.append({"role": "user", "content": figure_context(record, inline_mentions)})
+    return messages
+
+
+# ----------------------------------------------------------------------------- reply parsing
+
+class ReplyError(ValueError):
+    """A reply that holds no usable conversation; the message says why and is safe to log."""
+
+
+HUMAN_ROLES = {"user", "human", "question", "q"}
+GPT_ROLES = {"assistant", "gpt", "gpt-4", "gpt4", "ai", "answer", "a"}
+# A role label at the start of a line, tolerating what models add around it: list markers ("1.", "-"),
+# markdown headings and bold ("**User:**", "**User**:"), and turn numbers ("User 2:").
+ROLE_RE = re.compile(
+    r"^[ \t]*(?:(?:\d+[.)]|[-*>]|#{1,6})[ \t]+)?[*_]{0,2}[ \t]*"
+    r"(user|human|question|q|assistant|gpt-?4|gpt|ai|answer|a)[ \t]*\d*[ \t]*[*_]{0,2}[ \t]*:[ \t]*[*_]{0,2}",
+    re.IGNORECASE | re.MULTILINE)
+REFUSAL_RE = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry|i can(?:no|')t|i am unable|i'?m unable|as an ai)",
+                        re.IGNORECASE)
+
+
+def parse_reply(text: str) -> list[tuple[str, str]]:
+    """Split a model reply into (question, answer) pairs.
+
+    Text before the first role label (e.g. "Sure, here is a conversation:") is dropped; consecutive turns of
+    the same role are merged (a stray repeated label); a leading answer and a trailing unanswered question
+    are dropped.
+    """
+    matches = list(ROLE_RE.finditer(text or ""))
+    if not matches:
+        if REFUSAL_RE.match(text or ""):
+            raise ReplyError(f"refusal: {text.strip()[:120]!r}")
+        raise ReplyError(f"no role labels (User:/Assistant:) in reply: {(text or '').strip()[:120]!r}")
+    turns: list[list[str]] = []
+    for m, nxt in zip(matches, matches[1:] + [None]):
+        role = "human" if m.group(1).lower() in HUMAN_ROLES else "gpt"
+        body = text[m.end(): nxt.start() if nxt else len(text)]
+        body = re.sub(r"\n\s*(?:-{3,}|\*{3,})\s*$", "", body)  # markdown rule between turns
+        body = re.sub(r"\n{3,}", "\n\n", body).strip().strip("*_").strip()
+        if not body:
+            continue
+        if turns and turns[-1][0] == role:
+            turns[-1][1] += "\n" + body
+        else:
+            turns.append([role, body])
+    while turns and turns[0][0] == "gpt":
+        turns.pop(0)
+    pairs = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
+    if not pairs:
+        raise ReplyError(f"no complete question/answer pair in reply: {text.strip()[:120]!r}")
+    return pairs
+
+
+# An answer that admits the model never saw the image teaches the wrong thing: the pair is dropped.
+NO_ACCESS_RE = re.compile(
+    r"(can ?not|can't|unable to|not able to|don't|do not) (see|view|access|look at)|"
+    r"(without|no|don't have|do not have) (direct )?access to|as an ai\b|image (itself )?is not (available|provided)|"
+    r"not (mentioned|specified|provided|described) in the (figure )?(caption|description|context|text)",
+    re.IGNORECASE)
+# "Based on the caption, ..." style openings, kept "Yes, "/"No, " in front.
+TEXT_PREFIX_RE = re.compile(
+    r"^(?P<yn>(?:yes|no),\s+)?(?:based on|according to|from|judging from|as (?:stated|described|mentioned) in)\s+"
+    r"(?:the\s+)?(?:provided\s+|given\s+|figure\s+|image\s+|additional\s+)*"
+    r"(?:caption|description|context|information|text)(?:\s+(?:provided|given))?\s*,\s*", re.IGNORECASE)
+TEXT_INFIX_RE = re.compile(
+    r",?\s*(?:as|which is)?\s*(?:mentioned|described|indicated|stated|noted) in the (?:provided |given )?"
+    r"(?:figure |image )?(?:caption|description|context)", re.IGNORECASE)
+TEXT_WORD_RE = re.compile(r"\b(caption|figure context|text description|image description)\b", re.IGNORECASE)
+
+
+def _strip_text_references(s: str) -> str:
+    m = TEXT_PREFIX_RE.match(s)
+    if m:
+        rest = s[m.end():]
+        s = (m.group("yn") or "").capitalize() + (rest[:1].lower() if m.group("yn") else rest[:1].upper()) + rest[1:]
+    return TEXT_INFIX_RE.sub("", s).strip()
+
+
+def clean_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Post-processing: drop no-access pairs, strip text-reference phrases, drop pairs still citing the text."""
+    out = []
+    for q, a in pairs:
+        if NO_ACCESS_RE.search(a):
+            continue
+        q, a = _strip_text_references(q), _strip_text_references(a)
+        if not q or not a or TEXT_WORD_RE.search(a):
+            continue
+        out.append((q, a))
+    return out
+
+
+def _image_first_turn(question: str, rng: random.Random) -> str:
+    # The paper places the image before or after the first question at random so neither position is learned.
+    return f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
+
+
+def record_rng(seed: int, pair_id: str) -> random.Random:
+    """A per-record generator: choices stay the same whatever the order or concurrency of a (resumed) run."""
+    return random.Random(f"{seed}:{pair_id}")
+
+
+def _llava_record(record: dict, conversations: list[dict]) -> dict:
+    out = {"id": record["pair_id"], "image": record["image"]}
+    if "domain" in record:
+        out["domain"] = record["domain"]
+    out["conversations"] = conversations
+    return out
+
+
+def to_llava_record(record: dict, reply: str, rng: random.Random) -> dict:
+    """Instruction-tuning record (stage 2) from a model reply; ReplyError when nothing usable is left."""
+    pairs = clean_pairs(parse_reply(reply))
+    if not pairs:
+        raise ReplyError("no usable turns left after post-processing (all admitted no image access "
+                         "or cited the caption)")
+    conv = []
+    for i, (q, a) in enumerate(pairs):
+        conv.append({"from": "human", "value": _image_first_turn(q, rng) if i == 0 else q})
+        conv.append({"from": "gpt", "value": a})
+    return _llava_record(record, conv)
+
+
+def alignment_record(record: dict, rng: random.Random) -> dict:
+    """Concept-alignment record (stage 1): a sampled "describe the figure" instruction -> the caption."""
+    instruction = rng.choice(DESCRIBE_INSTRUCTIONS)
+    return _llava_record(record, [{"from": "human", "value": _image_first_turn(instruction, rng)},
+                                  {"from": "gpt", "value": record["fig_caption"].strip()}])
+
+
+# ----------------------------------------------------------------------------- resumable JSONL files
+
+def read_jsonl_resume(path: str) -> list[dict]:
+    """Rows of a JSONL file this tool appends to. A torn last line (process killed mid-write) is cut away so
+    its record is redone; a bad line elsewhere is corruption we did not cause and raises, naming the line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    rows, good_end, pos = [], 0, 0
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        end = pos + len(line) + (1 if i < len(lines) - 1 else 0)
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if any(rest.strip() for rest in lines[i + 1:]):
+                    raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg}); fix or remove this line") from None
+                with open(path, "r+b") as f:
+                    f.truncate(good_end)
+                return rows
+            if i == len(lines) - 1:  # complete JSON but no newline: finish the line so appends stay separate
+                with open(path, "ab") as f:
+                    f.write(b"\n")
+        good_end, pos = end, end
+    return rows
+
+
+class JsonlAppender:
+    """Append-only JSONL writer: one line per record, flushed at once, fsynced every few lines or seconds so a
+    crash loses at most the unsynced tail, which the next run redoes."""
+
+    def __init__(self, path: str, fsync_every: int = 50, fsync_seconds: float = 5.0):
+        self.f = open(path, "a", encoding="utf-8")
+        self.fsync_every, self.fsync_seconds = fsync_every, fsync_seconds
+        self.unsynced, self.last_sync = 0, time.monotonic()
+
+    def write(self, row: dict) -> None:
+        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")  # one write call per line
+        self.f.flush()
+        self.unsynced += 1
+        if self.unsynced >= self.fsync_every or time.monotonic() - self.last_sync > self.fsync_seconds:
+            self.sync()
+
+    def sync(self) -> None:
+        os.fsync(self.f.fileno())
+        self.unsynced, self.last_sync = 0, time.monotonic()
+
+    def close(self) -> None:
+        self.f.flush()
+        self.sync()
+        self.f.close()
+
+
+# ----------------------------------------------------------------------------- the API client
+
+SECRET_ENV_VARS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")
+
+
+def redact(text: str) -> str:
+    """Remove API keys from any text that may reach a log, an output file or an exception message."""
+    for var in SECRET_ENV_VARS:
+        key = os.environ.get(var)
+        if key:
+            text = text.replace(key, "[redacted]")
+    return text
+
+
+class APIFailure(Exception):
+    """A request that failed for good (retries exhausted, or an error retrying cannot fix); str() is safe to log."""
+
+
+class _MalformedResponse(Exception):
+    """A 200 response without a usable message: retried like a server error."""
+
+
+class FatalAPIError(Exception):
+    """Authentication, permission or unknown-model errors: every further request would fail the same way."""
+
+
+@dataclass
+class ClientConfig:
+    model: str
+    base_url: str | None = None  # None: Azure if AZURE_OPENAI_ENDPOINT is set, else the openai default
+    temperature: float = 0.7
+    max_tokens: int = 1024
+    timeout: float = 60.0  # seconds per request
+    max_retries: int = 5
+    backoff_base: float = 1.0  # seconds; attempt k waits about base * 2**k (with jitter)
+    backoff_max: float = 60.0
+
+
+def make_openai_client(base_url: str | None, timeout: float) -> openai.AsyncOpenAI:
+    # Retries are ours (max_retries=0): we honour Retry-After, count attempts per record and report reasons.
+    if base_url is None and os.environ.get("AZURE_OPENAI_ENDPOINT"):
+        # Reads AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY and OPENAI_API_VERSION; --model is the deployment.
+        return openai.AsyncAzureOpenAI(timeout=timeout, max_retries=0)
+    if not os.environ.get("OPENAI_API_KEY"):
+        raise FatalAPIError("OPENAI_API_KEY is not set (for a local server without keys set it to any value)")
+    return openai.AsyncOpenAI(base_url=base_url, api_key=os.environ["OPENAI_API_KEY"], timeout=timeout,
+                              max_retries=0)
+
+
+def retry_after_seconds(headers) -> float | None:
+    """Server-requested wait from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
+    if headers is None:
+        return None
+    if headers.get("retry-after-ms"):
+        try:
+            return float(headers["retry-after-ms"]) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class ChatClient:
+    """Chat completions with retries: 429 (waits at least Retry-After), 5xx, timeouts, connection errors and
+    malformed responses are retried with exponential backoff and jitter; other 4xx fail the request at once;
+    auth/model errors abort the run. Counts tokens for progress and cost."""
+
+    def __init__(self, cfg: ClientConfig, api: openai.AsyncOpenAI | None = None):
+        self.cfg = cfg
+        self.api = api or make_openai_client(cfg.base_url, cfg.timeout)
+        self.prompt_tokens = self.completion_tokens = self.requests = 0
+
+    def backoff(self, attempt: int) -> float:
+        delay = min(self.cfg.backoff_max, self.cfg.backoff_base * 2 ** attempt)
+        return delay / 2 + random.uniform(0, delay / 2)  # jitter spreads out workers that failed together
+
+    async def complete(self, messages: list[dict]) -> str:
+        last = "no attempt made"
+        for attempt in range(self.cfg.max_retries + 1):
+            wait = self.backoff(attempt)
+            try:
+                self.requests += 1
+                resp = await self.api.chat.completions.create(
+                    model=self.cfg.model, messages=messages, temperature=self.cfg.temperature,
+                    max_tokens=self.cfg.max_tokens, timeout=self.cfg.timeout)
+                return self._reply_text(resp)
+            except openai.RateLimitError as e:
+                server_wait = retry_after_seconds(e.response.headers)
+                wait = max(wait, server_wait or 0.0)
+                last = f"HTTP 429 rate limited (Retry-After {server_wait})"
+            except openai.APITimeoutError:
+                last = f"timed out after {self.cfg.timeout}s"
+            except openai.APIConnectionError as e:
+                last = f"connection error: {e}"
+            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
+                raise FatalAPIError(redact(f"HTTP {e.status_code}: {e.message}")) from None
+            except openai.APIStatusError as e:
+                if e.status_code < 500 and e.status_code not in (408, 409):
+                    raise APIFailure(redact(f"HTTP {e.status_code}: {e.message}")) from None
+                last = f"HTTP {e.status_code}: {e.message}"
+            except (openai.APIResponseValidationError, ValueError, _MalformedResponse) as e:
+                last = f"malformed response: {e}"
+            if attempt < self.cfg.max_retries:
+                await asyncio.sleep(wait)
+        raise APIFailure(redact(f"gave up after {self.cfg.max_retries + 1} attempts; last error: {last}"))
+
+    def _reply_text(self, resp) -> str:
+        usage = getattr(resp, "usage", None)
+        if usage is not None:
+            self.prompt_tokens += usage.prompt_tokens or 0
+            self.completion_tokens += usage.completion_tokens or 0
+        choices = getattr(resp, "choices", None)
+        if not choices:
+            raise _MalformedResponse("no choices in the response")
+        choice = choices[0]
+        if getattr(choice.message, "refusal", None):
+            raise APIFailure(redact(f"refusal: {choice.message.refusal[:200]}"))
+        if choice.finish_reason == "content_filter":
+            raise APIFailure("refusal: stopped by the content filter")
+        if not isinstance(choice.message.content, str) or not choice.message.content.strip():
+            raise _MalformedResponse("empty message content")
+        return choice.message.content
+
+    async def close(self) -> None:
+        await self.api.close()

@@ -1,0 +1,209 @@
+"""Tests for minillavamed/evaluation.py: VQA metrics with hand-computed expectations (including the reference's
+substring pitfall and the PR #35 bug), VQA-RAD's official split, and the judge against a local stub server."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from minillavamed import evaluation as ev
+
+sys.path.insert(0, str(Path(__file__).parent))
+from openai_stub import StubServer  # noqa: E402
+
+VQA_RAD = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "vqa-rad" / "VQA_RAD Dataset Public.json"
+
+
+@pytest.mark.parametrize("raw,norm", [
+    ("The Left Lung.", "left lung"),
+    ("Two", "2"),
+    ("none", "0"),
+    ("it isnt", "it isn't"),
+    ("left/right", "left right"),
+    ("x-ray, CT", "x ray ct"),  # "," touches a space: deleted; "-" does not: becomes a space
+    ("1,000 cells (approx)", "1000 cells approx"),
+    ("3.5 cm.", "3.5 cm"),
+])
+def test_normalize_answer(raw, norm):
+    assert ev.normalize_answer(raw) == norm
+
+
+@pytest.mark.parametrize("pred,gt,ours,reference", [
+    ("not sure", "no", False, True),            # the substring pitfall: "no" inside "not"
+    ("abnormal", "no", False, True),            # ... and inside "abnormal"
+    ("Yes, but there is no mass", "no", False, True),
+    ("No, there is no mass.", "no", True, True),
+    ("yes", "Yes", True, True),
+    ("the left kidney", "left", True, True),
+    ("right", "left", False, False),
+    ("", "yes", False, False),
+])
+def test_closed_rules(pred, gt, ours, reference):
+    assert ev.closed_correct(pred, gt) is ours
+    assert ev.closed_correct(pred, gt, substring_compat=True) is reference
+
+
+def test_open_recall_exact_match_and_f1():
+    assert ev.open_recall("The left upper lobe", "left lung") == 0.5
+    assert ev.open_recall("The left upper lobe", "left lung", substring_compat=True) == 0.5
+    # The reference counts the prediction's repeats: "left left" recalls 2/3 of "left lung"; we say 1/2.
+    assert ev.open_recall("left left", "left lung") == 0.5
+    assert ev.open_recall("left left", "left lung", substring_compat=True) == pytest.approx(2 / 3)
+    assert ev.open_recall("", "left lung") == 0.0
+    assert ev.exact_match("The Liver.", "liver") == 1.0 and ev.exact_match("liver lobe", "liver") == 0.0
+    assert ev.token_f1("left upper lobe", "left lobe") == pytest.approx(0.8)  # P 2/3, R 1
+    assert ev.token_f1("kidney", "liver") == 0.0
+
+
+GT = [
+    {"id": "c1", "answer_type": "CLOSED", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                            {"from": "gpt", "value": "yes"}]},
+    {"id": "c2", "answer_type": "CLOSED", "conversations": [{"from": "human", "value": "q"},
+                                                            {"from": "gpt", "value": "no"}]},
+    {"id": "c3", "answer_type": "CLOSED ", "conversations": [{"from": "human", "value": "q"},
+                                                             {"from": "gpt", "value": "no"}]},
+    {"id": "o1", "answer_type": "OPEN", "conversations": [{"from": "human", "value": "q"},
+                                                          {"from": "gpt", "value": "left lung"}]},
+    {"id": "o2", "answer_type": "OPEN", "conversations": [{"from": "human", "value": "q"},
+                                                          {"from": "gpt", "value": "pleural effusion"}]},
+]
+ANSWERS = {"c1": "Yes.", "c2": "not sure", "o1": "left lung", "o2": "an effusion on the right", "zz": "extra"}
+
+
+def test_score_vqa_hand_computed():
+    res = ev.score_vqa(GT, ANSWERS)
+    s = res["scores"]
+    assert res["missing_ids"] == ["c3"] and res["unexpected_answer_ids"] == ["zz"]
+    assert s["CLOSED"]["n"] == 3 and s["CLOSED"]["missing"] == 1 and s["overall"]["missing"] == 1
+    assert s["CLOSED"]["closed_accuracy"] == pytest.approx(100 / 3)  # c1 right, c2 "not sure" wrong, c3 missing
+    assert s["OPEN"]["open_recall"] == pytest.approx(75.0)  # 1 and 1/2
+    assert s["OPEN"]["closed_accuracy"] is None and s["CLOSED"]["open_recall"] is None
+    assert s["overall"]["exact_match"] == pytest.approx(40.0)  # c1, o1 of 5
+    # token F1: c1 1, c2 0, c3 0, o1 1, o2 "effusion on right" vs "pleural effusion": P 1/3, R 1/2 -> 0.4
+    assert s["OPEN"]["token_f1"] == pytest.approx(70.0)
+    assert s["overall"]["token_f1"] == pytest.approx(48.0)
+    compat = ev.score_vqa(GT, ANSWERS, substring_compat=True)["scores"]
+    assert compat["CLOSED"]["closed_accuracy"] == pytest.approx(200 / 3)  # "no" found in "not sure"
+
+
+def test_wrong_closed_answer_counts_as_wrong():
+    """LLaVA-Med before PR #35 appended nothing for a wrong answer that contained yes/no, so 1 right + 1 wrong
+    scored 100%. It must score 50% in both modes."""
+    gt = [dict(GT[0], id="a"), dict(GT[0], id="b")]
+    for compat in (False, True):
+        res = ev.score_vqa(gt, {"a": "yes", "b": "no, it is not"}, substring_compat=compat)
+        assert res["scores"]["CLOSED"]["closed_accuracy"] == 50.0
+
+
+def test_bad_inputs_name_file_and_line(tmp_path):
+    ans = tmp_path / "answers.jsonl"
+    ans.write_text('{"question_id": 1, "text": "yes"}\n{"question_id": "1", "text": "no"}\n')
+    with pytest.raises(ValueError, match=r"answers.jsonl:2: duplicate question_id '1'"):
+        ev.load_answers(str(ans))
+    ans.write_text('{"question_id": 1}\n')
+    with pytest.raises(ValueError, match=r"answers.jsonl:1: expected a JSON object with question_id and text"):
+        ev.load_answers(str(ans))
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps([dict(GT[0], answer_type="MAYBE")]))
+    with pytest.raises(ValueError, match=r"gt.json: record 0: answer_type 'MAYBE'"):
+        ev.load_ground_truth(str(gt))
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"question_id": "a", "text": "t", "fig_caption": "c"}\n{"question_id": "b", "text": "t"}\n')
+    with pytest.raises(ValueError, match=r"q.jsonl:2: missing 'fig_caption'"):
+        ev.load_judge_questions(str(q))
+
+
+def test_vqa_cli_writes_json_and_table(tmp_path, capsys):
+    (tmp_path / "gt.json").write_text(json.dumps(GT))
+    # sample.py's answer records carry more fields; only question_id and text are read.
+    (tmp_path / "ans.jsonl").write_text("".join(json.dumps({"question_id": k, "prompt": "q", "text": v,
+                                                            "answer_id": "x", "model_id": "m"}) + "\n"
+                                                for k, v in ANSWERS.items()))
+    assert ev.main(["vqa", "--gt", str(tmp_path / "gt.json"), "--answers", str(tmp_path / "ans.jsonl"),
+                    "--out", str(tmp_path / "scores.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "closed_accuracy" in printed and "33.33" in printed and "1 questions have no answer" in printed
+    saved = json.loads((tmp_path / "scores.json").read_text())
+    assert saved["scores"]["OPEN"]["open_recall"] == 75.0 and len(saved["per_question"]) == 5
+
+
+def test_vqa_rad_official_test_split():
+    if not VQA_RAD.exists():
+        pytest.skip(f"VQA-RAD not found at {VQA_RAD} (shared read-only data)")
+    gt = ev.load_ground_truth(str(VQA_RAD))
+    kinds = [r["answer_type"] for r in gt]
+    assert len(gt) == 451 and kinds.count("CLOSED") == 272 and kinds.count("OPEN") == 179
+    # Always answering "yes" scores the share of "yes" among closed answers, and 0 recall only where no
+    # ground-truth word is "yes".
+    closed = [r for r in gt if r["answer_type"] == "CLOSED"]
+    n_yes = sum(ev.normalize_answer(r["conversations"][1]["value"]) == "yes" for r in closed)
+    res = ev.score_vqa(gt, {r["id"]: "yes" for r in gt})
+    assert res["scores"]["CLOSED"]["closed_accuracy"] == pytest.approx(100 * n_yes / 272)
+    assert 0.3 < n_yes / 272 < 0.7 and res["missing_ids"] == []
+
+
+# ----------------------------------------------------------------------------- judge
+
+QUESTIONS = [
+    {"question_id": "q1", "text": "What is shown?", "type": "conversation", "domain": {"chest_xray": True, "mri": False},
+     "fig_label": "Fig. 1", "fig_caption": "Chest X-ray with cardiomegaly.", "in_text_mention": "Fig. 1 shows it."},
+    {"question_id": "q2", "text": "Describe the image.", "type": "detailed_description", "domain": "mri",
+     "fig_caption": "Brain MRI with a lesion.", "gpt4_answer": "A brain MRI showing a lesion."},
+    {"question_id": "q3", "text": "Any finding?", "type": "conversation", "domain": "mri",
+     "fig_caption": "MRI of the knee."},
+    {"question_id": "q4", "text": "Unanswered?", "type": "conversation", "domain": "ct_scan", "fig_caption": "CT."},
+]
+MODEL_ANSWERS = {"q1": "An enlarged heart.", "q2": "A brain scan.", "q3": "A knee."}
+
+
+def judge_reply(messages):
+    if messages[0]["content"] == ev.REFERENCE_SYSTEM:
+        return "REFERENCE: the heart looks enlarged."
+    body = messages[-1]["content"]
+    if "Chest X-ray" in body:
+        return "8 6\nAssistant 1 is more detailed."
+    if "Brain MRI" in body:
+        return "Assistant 1: 5/10, Assistant 2: 5/10\nEqual."
+    return "I would rather not score these."
+
+
+def test_judge_against_local_server(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-judge-SECRET")
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"question_id": k, "text": v}) + "\n"
+                                              for k, v in MODEL_ANSWERS.items()))
+    with StubServer(reply=judge_reply) as stub:
+        rc = ev.main(["judge", "--questions", str(tmp_path / "q.jsonl"), "--answers", str(tmp_path / "a.jsonl"),
+                      "--model", "judge-gpt-4", "--base_url", stub.url, "--backoff_base", "0.01",
+                      "--max_retries", "1", "--reviews", str(tmp_path / "reviews.jsonl"),
+                      "--out", str(tmp_path / "summary.json")])
+        assert rc == 0
+        # q1 and q3 need a reference answer first; q2 brings its own; q4 has no model answer: no request.
+        assert len(stub.requests) == 5
+        judged_q1 = next(r["messages"][-1]["content"] for r in stub.requests if "Chest X-ray" in r["query"]
+                         and r["messages"][0]["content"] == ev.JUDGE_SYSTEM)
+    assert "[Assistant 1]\nREFERENCE: the heart looks enlarged." in judged_q1
+    assert "[Assistant 2]\nAn enlarged heart." in judged_q1 and "Fig. 1 shows it." in judged_q1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    g = summary["groups"]
+    assert g["overall"] == {"n": 2, "reference_score": 6.5, "model_score": 5.5, "relative_score": 87.5}
+    assert g["type:conversation"]["relative_score"] == 75.0 and g["type:detailed_description"]["relative_score"] == 100.0
+    assert g["domain:chest_xray"]["n"] == 1 and g["domain:mri"]["relative_score"] == 100.0
+    assert set(summary["errors"]) == {"q3", "q4"} and summary["errors"]["q4"] == "missing answer"
+    assert "two scores" in summary["errors"]["q3"]
+    reviews = [json.loads(line) for line in (tmp_path / "reviews.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in reviews] == ["q1", "q2", "q3", "q4"]
+    assert "relative_score" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text,scores", [("8 6\nwhy", (8.0, 6.0)), ("\n7.5 9", (7.5, 9.0)),
+                                         ("Assistant 1: 8/10 Assistant 2: 3/10", (8.0, 3.0))])
+def test_parse_judge_scores(text, scores):
+    assert ev.parse_judge_scores(text) == scores
+
+
+@pytest.mark.parametrize("text", ["8\n6", "Both are good.", "11 3", "8 6 4"])
+def test_parse_judge_scores_rejects(text):
+    with pytest.raises(ValueError, match="two scores"):
+        ev.parse_judge_scores(text)

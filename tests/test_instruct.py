@@ -1,0 +1,224 @@
+"""Tests for minillavamed/instruct.py: prompts, reply parsing and post-processing, resumable JSONL, client."""
+
+import asyncio
+import email.utils
+import random
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from minillavamed import instruct
+
+sys.path.insert(0, str(Path(__file__).parent))
+from openai_stub import StubServer  # noqa: E402
+
+RECORD = {"pair_id": "PMC1_F2", "image": "PMC1_F2.jpg", "fig_label": "Figure 2",
+          "fig_caption": "Chest X-ray with a right upper lobe consolidation.",
+          "in_text_mention": ["Figure 2 shows the consolidation on admission.", "  "],
+          "domain": {"chest_xray": True, "ct_scan": False}}
+
+
+# ------------------------------------------------------------------ prompts
+
+def test_few_shot_covers_the_five_domains_and_messages_alternate():
+    assert [ex["domain"] for ex in instruct.FEW_SHOT_EXAMPLES] == ["chest_xray", "ct_scan", "mri", "histology", "gross"]
+    msgs = instruct.build_messages(RECORD)
+    assert msgs[0]["role"] == "system" and len(msgs) == 1 + 2 * 5 + 1
+    assert [m["role"] for m in msgs[1:]] == ["user", "assistant"] * 5 + ["user"]
+    for m in msgs[2:-1:2]:  # our few-shot replies parse back into their own pairs
+        assert len(instruct.parse_reply(m["content"])) == 3
+    assert msgs[-1]["content"] == "Figure Caption:\nFigure 2: Chest X-ray with a right upper lobe consolidation."
+
+
+def test_inline_mentions_only_when_asked():
+    plain = instruct.build_messages(RECORD, inline_mentions=False)[-1]["content"]
+    inline = instruct.build_messages(RECORD, inline_mentions=True)[-1]["content"]
+    assert "Figure Context" not in plain
+    assert inline.endswith("Figure Context:\n- Figure 2 shows the consolidation on admission.")  # blank one dropped
+    no_mentions = dict(RECORD, in_text_mention=None, fig_label=None)
+    assert instruct.figure_context(no_mentions, True) == "Figure Caption:\n" + RECORD["fig_caption"]
+
+
+# ------------------------------------------------------------------ parsing
+
+def test_parse_plain_reply():
+    reply = "User: What is shown?\nAssistant: A chest X-ray.\n\nUser: Any finding?\nAssistant: An opacity."
+    assert instruct.parse_reply(reply) == [("What is shown?", "A chest X-ray."), ("Any finding?", "An opacity.")]
+
+
+def test_parse_markdown_bold_numbered_and_gpt_labels():
+    reply = ("Here is a possible conversation:\n\n"
+             "1. **User:** What modality is this?\n"
+             "2. **Assistant:** It is an axial **MRI** of the brain.\n\n\n\n"
+             "---\n"
+             "**User 2**: Where is the lesion?\n"
+             "**GPT**: In the left frontal lobe.\n"
+             "It is about 2 cm.\n"
+             "- Human: Is there edema?\n"
+             "- AI: Mild surrounding edema is present.")
+    assert instruct.parse_reply(reply) == [
+        ("What modality is this?", "It is an axial **MRI** of the brain."),
+        ("Where is the lesion?", "In the left frontal lobe.\nIt is about 2 cm."),
+        ("Is there edema?", "Mild surrounding edema is present."),
+    ]
+
+
+def test_parse_stray_roles_and_blank_lines():
+    reply = ("Assistant: Let me start.\n\n"           # leading answer without a question: dropped
+             "User: What stain is used?\n\n\n"
+             "User: And what magnification?\n"        # repeated role: merged into one question
+             "Assistant:\n\nH&E at x400.\n\n"
+             "Q: Are there mitoses?\nA: Several are visible.\n"
+             "User: One more question?")               # trailing unanswered question: dropped
+    assert instruct.parse_reply(reply) == [
+        ("What stain is used?\nAnd what magnification?", "H&E at x400."),
+        ("Are there mitoses?", "Several are visible."),
+    ]
+
+
+def test_parse_does_not_split_on_words_inside_a_line():
+    reply = "User: Is the user: field relevant?\nAssistant: The answer: yes, clearly."
+    assert instruct.parse_reply(reply) == [("Is the user: field relevant?", "The answer: yes, clearly.")]
+
+
+@pytest.mark.parametrize("reply,reason", [
+    ("I'm sorry, but I can't help with that.", "refusal"),
+    ("The image shows a kidney.", "no role labels"),
+    ("User: What is this?", "no complete question/answer pair"),
+    ("", "no role labels"),
+])
+def test_parse_rejects_unusable_replies(reply, reason):
+    with pytest.raises(instruct.ReplyError, match=reason):
+        instruct.parse_reply(reply)
+
+
+# ------------------------------------------------------------------ post-processing
+
+def test_clean_drops_no_access_turns_and_strips_text_prefixes():
+    pairs = [
+        ("What organ is shown?", "I cannot see the image, but it is likely the liver."),
+        ("Is there a mass?", "Based on the caption, there is a 3 cm mass in the liver."),
+        ("Is it enhancing?", "Yes, according to the figure caption, the rim enhances."),
+        ("Where exactly?", "In segment VII, as mentioned in the caption."),
+        ("What size?", "The caption says it is 3 cm."),                       # still cites the text: dropped
+        ("According to the description, what is the density?", "It is hypodense."),
+        ("Can you see the vessels?", "I don't have access to the actual image."),
+    ]
+    assert instruct.clean_pairs(pairs) == [
+        ("Is there a mass?", "There is a 3 cm mass in the liver."),
+        ("Is it enhancing?", "Yes, the rim enhances."),
+        ("Where exactly?", "In segment VII."),
+        ("What is the density?", "It is hypodense."),
+    ]
+
+
+def test_to_llava_record_places_image_token_seeded_and_keeps_domain():
+    reply = ("User: What modality?\nAssistant: As an AI I cannot view images.\n"
+             "User: What is visible?\nAssistant: A consolidation.\nUser: Where?\nAssistant: Right upper lobe.")
+    rec = instruct.to_llava_record(RECORD, reply, instruct.record_rng(0, RECORD["pair_id"]))
+    assert rec["id"] == "PMC1_F2" and rec["image"] == "PMC1_F2.jpg" and rec["domain"] == RECORD["domain"]
+    conv = rec["conversations"]
+    assert [t["from"] for t in conv] == ["human", "gpt", "human", "gpt"]
+    first = conv[0]["value"]  # the dropped first pair moved <image> to the first kept question
+    assert first in ("<image>\nWhat is visible?", "What is visible?\n<image>")
+    assert sum(t["value"].count("<image>") for t in conv) == 1
+    again = instruct.to_llava_record(RECORD, reply, instruct.record_rng(0, RECORD["pair_id"]))
+    assert again == rec  # same seed and id: same placement, whatever the run order
+    placements = {instruct.to_llava_record(dict(RECORD, pair_id=f"p{i}"), reply, instruct.record_rng(0, f"p{i}"))
+                  ["conversations"][0]["value"].startswith("<image>") for i in range(40)}
+    assert placements == {True, False}
+    with pytest.raises(instruct.ReplyError, match="no usable turns"):
+        instruct.to_llava_record(RECORD, "User: Q?\nAssistant: I cannot see the image.", random.Random(0))
+
+
+def test_alignment_record():
+    rec = instruct.alignment_record(RECORD, instruct.record_rng(3, "x"))
+    human, gpt = rec["conversations"]
+    assert gpt == {"from": "gpt", "value": RECORD["fig_caption"]}
+    instr = human["value"].replace("<image>", "").strip()
+    assert instr in instruct.DESCRIBE_INSTRUCTIONS and human["value"].count("<image>") == 1
+
+
+# ------------------------------------------------------------------ resumable JSONL
+
+def test_read_jsonl_resume_truncates_torn_last_line(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"id": "a"}\n\n{"id": "b"}\n{"id": "c", "conv')
+    assert [r["id"] for r in instruct.read_jsonl_resume(str(path))] == ["a", "b"]
+    assert path.read_bytes() == b'{"id": "a"}\n\n{"id": "b"}\n'
+    path.write_bytes(b'{"id": "a"}\n{"id": "b"}')  # complete but unterminated: kept, newline added
+    assert [r["id"] for r in instruct.read_jsonl_resume(str(path))] == ["a", "b"]
+    assert path.read_bytes() == b'{"id": "a"}\n{"id": "b"}\n'
+    path.write_bytes(b'{"id": "a"}\n{"id": \n{"id": "b"}\n')
+    with pytest.raises(ValueError, match=r"out.jsonl:2: not valid JSON"):
+        instruct.read_jsonl_resume(str(path))
+    assert instruct.read_jsonl_resume(str(tmp_path / "absent.jsonl")) == []
+
+
+# ------------------------------------------------------------------ client
+
+def test_retry_after_parsing():
+    assert instruct.retry_after_seconds({"retry-after": "2.5"}) == 2.5
+    assert instruct.retry_after_seconds({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    date = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < instruct.retry_after_seconds({"retry-after": date}) <= 30
+    assert instruct.retry_after_seconds({"retry-after": "soon"}) is None
+    assert instruct.retry_after_seconds({}) is None
+
+
+def test_redact(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-abc123")
+    assert instruct.redact("Bearer sk-abc123 failed") == "Bearer [redacted] failed"
+
+
+def test_client_retries_and_classifies_errors(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-unit-SECRET")
+    plan = {"r500": ["500", "500", "ok"], "dead": ["500"], "refuse": ["refusal"], "mal": ["malformed", "ok"],
+            "leak": ["echo_auth"], "auth": ["401"], "slow": ["slow", "ok"]}
+
+    async def go(url):
+        client = instruct.ChatClient(instruct.ClientConfig(model="m", base_url=url, timeout=0.3, max_retries=2,
+                                                           backoff_base=0.01))
+        out = {}
+        for key in plan:
+            try:
+                out[key] = await client.complete([{"role": "user", "content": key}])
+            except (instruct.APIFailure, instruct.FatalAPIError) as e:
+                out[key] = e
+        await client.close()
+        return out, client
+
+    with StubServer(plan=plan, slow_s=2.0) as stub:
+        out, client = asyncio.run(go(stub.url))
+        counts = {k: len(stub.requests_for(k)) for k in plan}
+    assert isinstance(out["r500"], str) and counts["r500"] == 3
+    assert isinstance(out["dead"], instruct.APIFailure) and counts["dead"] == 3 and "500" in str(out["dead"])
+    assert isinstance(out["refuse"], instruct.APIFailure) and "refusal" in str(out["refuse"]) and counts["refuse"] == 1
+    assert isinstance(out["mal"], str) and counts["mal"] == 2
+    assert isinstance(out["slow"], str) and counts["slow"] == 2
+    assert isinstance(out["leak"], instruct.APIFailure) and counts["leak"] == 1  # 400: not retried
+    assert "sk-unit-SECRET" not in str(out["leak"]) and "[redacted]" in str(out["leak"])
+    assert isinstance(out["auth"], instruct.FatalAPIError)
+    # Usage (100 in / 20 out per 200 reply) is counted for the 3 answered requests and the refusal: paid too.
+    assert client.prompt_tokens == 100 * 4 and client.completion_tokens == 20 * 4
+
+
+def test_missing_key_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("AZURE_OPENAI_ENDPOINT", raising=False)
+    with pytest.raises(instruct.FatalAPIError, match="OPENAI_API_KEY is not set"):
+        instruct.make_openai_client("http://127.0.0.1:1/v1", 1.0)
+
+
+def test_azure_client_from_environment(monkeypatch):
+    import openai
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://example-resource.openai.azure.com")
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-secret")
+    monkeypatch.setenv("OPENAI_API_VERSION", "2024-06-01")
+    client = instruct.make_openai_client(None, 5.0)
+    assert isinstance(client, openai.AsyncAzureOpenAI) and client.max_retries == 0
+    # An explicit --base_url wins over the Azure variables.
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    assert not isinstance(instruct.make_openai_client("http://127.0.0.1:1/v1", 5.0), openai.AsyncAzureOpenAI)
