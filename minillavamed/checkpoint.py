@@ -363,12 +363,16 @@ def _write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_
 
 def save_model(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
     """Our format: config.json (model_type minillavamed + the LlavaConfig) and the weights."""
+    save_state(model.cfg, model.state_dict(), path, max_shard_bytes)
+
+
+def save_state(cfg: LlavaConfig, state: dict[str, torch.Tensor], path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """save_model for a state dict gathered elsewhere (e.g. from FSDP shards)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    if model.cfg.decoder.tie_embeddings:
-        state.pop("decoder.lm_head.weight")  # safetensors stores no aliases; loading re-ties it
-    (path / "config.json").write_text(json.dumps({"model_type": FORMAT, **model.cfg.to_dict()}, indent=2))
+    if cfg.decoder.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "decoder.lm_head.weight"}  # loading re-ties it
+    (path / "config.json").write_text(json.dumps({"model_type": FORMAT, **cfg.to_dict()}, indent=2))
     _write_tensors(state, path, max_shard_bytes)
 
 
