@@ -155,21 +155,24 @@ STAIN_COLOURS = {
     # background, tissue, nucleus, atypical nucleus (RGB 0..1)
     "h&e": ((0.97, 0.80, 0.88), (0.90, 0.52, 0.70), (0.40, 0.22, 0.58), (0.20, 0.06, 0.33)),
     # IHC: pale haematoxylin counterstain, atypical (positive) cells brown from DAB.
-    "ihc": ((0.96, 0.94, 0.90), (0.84, 0.78, 0.68), (0.48, 0.55, 0.80), (0.45, 0.24, 0.08)),
-    # Masson trichrome: blue collagen, red cytoplasm, near-black nuclei.
-    "trichrome": ((0.50, 0.66, 0.98), (0.88, 0.28, 0.32), (0.28, 0.14, 0.32), (0.12, 0.04, 0.12)),
+    "ihc": ((0.96, 0.94, 0.90), (0.84, 0.78, 0.68), (0.32, 0.40, 0.75), (0.45, 0.24, 0.08)),
+    # Masson trichrome: blue collagen with islands of red cytoplasm, near-black nuclei.
+    "trichrome": ((0.32, 0.48, 0.92), (0.88, 0.22, 0.26), (0.22, 0.10, 0.26), (0.10, 0.03, 0.10)),
 }
 
 
 def draw_histology(facts: dict, rng: np.random.Generator, n: int) -> Image.Image:
     """Stained tissue section: stain colours, many or few nuclei, optional large dark atypical nuclei."""
     background, tissue, nucleus, atypical = (np.array(c, dtype=np.float32) for c in STAIN_COLOURS[facts["stain"]])
-    mix = _smooth_field(rng, n)[..., None]
-    img = background + (tissue - background) * (0.25 + 0.6 * mix)
+    field = _smooth_field(rng, n)[..., None]
+    # Trichrome tissue comes as separate red islands in blue collagen; the other stains shade smoothly.
+    mix = np.clip((field - 0.55) * 5, 0, 1) if facts["stain"] == "trichrome" else 0.25 + 0.6 * field
+    img = background + (tissue - background) * mix
     img = img + rng.normal(0, 0.02, 3).astype(np.float32)  # batch-to-batch stain variation
-    count = 95 if facts["density"] == "high" else 22
+    # Far apart in count and large enough (~3 px at 64 px) that density reads as overall darkness.
+    count = 120 if facts["density"] == "high" else 15
     for _ in range(count):
-        r = rng.uniform(0.020, 0.028)
+        r = rng.uniform(0.026, 0.034)
         _stamp(img, rng.uniform(0, 1), rng.uniform(0, 1), r, r * rng.uniform(0.7, 1.0), nucleus,
                angle=rng.uniform(0, math.pi), soft=1.0, alpha=rng.uniform(0.7, 0.95))
     if facts["atypia"] == "yes":

@@ -56,7 +56,8 @@ def test_complete_world_is_reused_and_interrupted_one_regenerated(tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"image_size": 16}, "image_size"), ({"n_vqa_test": -1}, "n_vqa_test"), ({"n_instruct": 50, "n_pmc": 10}, "n_instruct"),
+    ({"image_size": 16}, "image_size"), ({"n_vqa_test": -1}, "n_vqa_test"),
+    ({"n_instruct": 50, "n_pmc": 10}, "n_instruct"),
 ])
 def test_bad_config_is_refused(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):
@@ -139,8 +140,8 @@ def test_captions_state_every_fact_of_the_scene():
             if kind == "OPEN":
                 assert answer in caption, (question, answer, caption)
     # A caption written by hand, as a person would read it.
-    facts = syn.parse_caption("frontal chest x-ray demonstrating a dense opacity in the left lower lobe and cardiomegaly "
-                              "with an enlarged heart. image obtained at admission.")
+    facts = syn.parse_caption("frontal chest x-ray demonstrating a dense opacity in the left lower lobe and "
+                              "cardiomegaly with an enlarged heart. image obtained at admission.")
     assert facts == {"modality": "chest x-ray", "opacity": "yes", "lobe": "left lower lobe", "heart_enlarged": "yes"}
     facts = syn.parse_caption("contrast-enhanced ct of the chest showing a small nodular lesion in the right lung.")
     assert facts == {"modality": "ct", "region": "chest", "lesion": "yes", "size": "small", "side": "right",
@@ -207,7 +208,8 @@ def test_text_only_baseline_on_hand_computed_example():
 
 
 def test_text_only_baseline_stays_near_chance(tmp_path):
-    cfg = syn.WorldConfig(seed=7, image_size=32, n_pmc=200, n_instruct=200, n_vqa_train=150, n_vqa_test=150, n_general=0)
+    cfg = syn.WorldConfig(seed=7, image_size=32, n_pmc=200, n_instruct=200, n_vqa_train=150, n_vqa_test=150,
+                          n_general=0)
     result = syn.world_baseline(syn.generate_world(tmp_path, cfg))
     print("text-only baseline:", result)
     assert result["n_closed"] > 300 and result["n_open"] > 200
@@ -224,7 +226,8 @@ def test_load_records_names_bad_line(tmp_path):
 
 def test_cli_writes_world_and_grid(tmp_path):
     grid = tmp_path / "grid.png"
-    out = subprocess.run([sys.executable, "-m", "minillavamed.synthetic", "--out", str(tmp_path / "w"), "--grid", str(grid),
+    out = subprocess.run([sys.executable, "-m", "minillavamed.synthetic", "--out", str(tmp_path / "w"),
+                          "--grid", str(grid),
                           "--image_size", "48", "--n_pmc", "5", "--n_instruct", "5", "--n_vqa_train", "5",
                           "--n_vqa_test", "5", "--n_general", "5"], cwd=REPO, capture_output=True, text=True, check=True)
     assert "text-only baseline" in out.stdout
