@@ -1,0 +1,236 @@
+"""Tests for the synthetic biomedical world (minillavamed/synthetic.py, synthetic_draw.py)."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minillavamed import synthetic as syn
+
+SMALL = syn.WorldConfig(seed=0, image_size=64, n_pmc=40, n_instruct=30, n_vqa_train=20, n_vqa_test=20, n_general=10)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    paths = syn.generate_world(out, SMALL)
+    return paths, {name: syn.load_records(p) for name, p in paths.items() if name != "image_folder"}
+
+
+def test_same_seed_same_bytes_different_seed_different(world, tmp_path):
+    paths, _ = world
+    first = _hashes(Path(paths["image_folder"]).parent)
+    again = _hashes(Path(syn.generate_world(tmp_path / "again", SMALL)["image_folder"]).parent)
+    assert first == again and len(first) == 40 + 20 + 20 + 10 + 7  # images + 6 JSON files + manifest
+    other = _hashes(Path(syn.generate_world(tmp_path / "other", syn.WorldConfig(**{**vars(SMALL), "seed": 1}))
+                         ["image_folder"]).parent)
+    assert other.keys() == first.keys()
+    changed = [name for name in first if first[name] != other[name] and name != "manifest.json"]
+    assert len(changed) >= 90, "a new seed must change every image and every JSON file"
+
+
+def test_complete_world_is_reused_and_interrupted_one_regenerated(tmp_path):
+    cfg = syn.WorldConfig(image_size=32, n_pmc=5, n_instruct=5, n_vqa_train=5, n_vqa_test=5, n_general=5)
+    paths = syn.generate_world(tmp_path, cfg)
+    image = Path(paths["image_folder"]) / "pmc_000000.png"
+    image.unlink()
+    syn.generate_world(tmp_path, cfg)
+    assert not image.exists(), "a complete world with the same config must be reused, not rewritten"
+    (tmp_path / "manifest.json").unlink()  # what an interrupted generation leaves behind
+    syn.generate_world(tmp_path, cfg)
+    assert image.exists()
+    image.unlink()
+    syn.generate_world(tmp_path, syn.WorldConfig(**{**vars(cfg), "seed": 3}))
+    assert image.exists(), "a different config must regenerate"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"image_size": 16}, "image_size"), ({"n_vqa_test": -1}, "n_vqa_test"),
+    ({"n_instruct": 50, "n_pmc": 10}, "n_instruct"),
+])
+def test_bad_config_is_refused(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        syn.generate_world(tmp_path, syn.WorldConfig(**bad))
+
+
+def _check_conversation(turns: list[dict], image_first_only: bool) -> None:
+    assert len(turns) >= 2 and len(turns) % 2 == 0
+    assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+    first = turns[0]["value"]
+    assert first.count("<image>") == 1
+    if image_first_only:
+        assert first.startswith("<image>\n")
+    else:
+        assert first.startswith("<image>\n") or first.endswith("\n<image>")
+    assert all("<image>" not in t["value"] for t in turns[1:])
+    assert all(t["value"].strip() == t["value"] and t["value"] == t["value"].lower() for t in turns)
+
+
+def test_record_formats(world):
+    paths, data = world
+    folder = Path(paths["image_folder"])
+    for r in data["pmc"]:
+        assert set(r) == {"pair_id", "image", "fig_label", "fig_caption", "in_text_mention", "domain"}
+        assert r["domain"] in syn.DOMAINS and r["fig_label"].startswith("figure ")
+        assert isinstance(r["in_text_mention"], list) and all(r["fig_label"] in s for s in r["in_text_mention"])
+    for r in data["alignment"]:
+        assert set(r) == {"id", "image", "conversations"} and len(r["conversations"]) == 2
+        _check_conversation(r["conversations"], image_first_only=False)
+    assert [r["conversations"][1]["value"] for r in data["alignment"]] == [r["fig_caption"] for r in data["pmc"]]
+    domains = {r["pair_id"]: r["domain"] for r in data["pmc"]}
+    for r in data["instruct"]:
+        assert set(r) == {"id", "image", "domain", "conversations"}
+        assert r["domain"] == {d: d == domains[r["id"]] for d in syn.DOMAINS}
+        _check_conversation(r["conversations"], image_first_only=False)
+    for r in data["general"]:
+        assert set(r) == {"id", "image", "conversations"}
+        _check_conversation(r["conversations"], image_first_only=False)
+    for split in ("vqa_train", "vqa_test"):
+        for r in data[split]:
+            assert set(r) == {"id", "image", "conversations", "answer_type"} and len(r["conversations"]) == 2
+            _check_conversation(r["conversations"], image_first_only=True)
+            answer = r["conversations"][1]["value"]
+            assert r["answer_type"] in ("CLOSED", "OPEN")
+            assert (answer in ("yes", "no")) == (r["answer_type"] == "CLOSED")
+            assert 1 <= len(answer.split()) <= 3
+    records = [r for name in ("alignment", "instruct", "general", "vqa_train", "vqa_test") for r in data[name]]
+    for name in ("alignment", "instruct", "general", "vqa_train", "vqa_test"):
+        ids = [r["id"] for r in data[name]]
+        assert len(ids) == len(set(ids)), f"duplicate ids in {name}"
+    for r in records:
+        with Image.open(folder / r["image"]) as im:
+            assert im.size == (64, 64) and im.mode in ("L", "RGB")
+    # Held-out means held out: no test image is a training image, by name or by content.
+    train = {r["image"] for name in ("pmc", "vqa_train", "general") for r in data[name]}
+    test = {r["image"] for r in data["vqa_test"]}
+    assert not train & test
+    digest = lambda name: hashlib.sha256((folder / name).read_bytes()).hexdigest()  # noqa: E731
+    assert not {digest(n) for n in train} & {digest(n) for n in test}
+
+
+def test_domains_and_answers_are_balanced(world):
+    _, data = world
+    assert [r["domain"] for r in data["pmc"][:10]] == list(syn.DOMAINS) * 2
+    rng = np.random.default_rng(0)
+    scenes = [syn.sample_scene(syn.DOMAINS[i % 5], rng) for i in range(5000)]
+    lesion = [s["lesion"] for s in scenes if "lesion" in s]
+    assert abs(lesion.count("yes") / len(lesion) - 0.5) < 0.03
+    lobes = [s["lobe"] for s in scenes if "lobe" in s]
+    assert max(abs(lobes.count(lobe) / len(lobes) - 0.25) for lobe in syn.LOBES) < 0.04
+
+
+def test_captions_state_every_fact_of_the_scene():
+    rng = np.random.default_rng(1)
+    for i in range(500):
+        facts = syn.sample_scene(syn.DOMAINS[i % 5], rng)
+        label, caption, mentions = syn.write_caption(facts, rng)
+        assert syn.parse_caption(caption) == facts, caption
+        for question, answer, kind in syn.questions_for(facts, rng):
+            if kind == "OPEN":
+                assert answer in caption, (question, answer, caption)
+    # A caption written by hand, as a person would read it.
+    facts = syn.parse_caption("frontal chest x-ray demonstrating a dense opacity in the left lower lobe and "
+                              "cardiomegaly with an enlarged heart. image obtained at admission.")
+    assert facts == {"modality": "chest x-ray", "opacity": "yes", "lobe": "left lower lobe", "heart_enlarged": "yes"}
+    facts = syn.parse_caption("contrast-enhanced ct of the chest showing a small nodular lesion in the right lung.")
+    assert facts == {"modality": "ct", "region": "chest", "lesion": "yes", "size": "small", "side": "right",
+                     "organ": "lung"}
+
+
+@pytest.mark.parametrize("caption, missing", [
+    ("a photograph of a cat.", "none of the five domains"),
+    ("chest x-ray showing no focal opacity.", "heart size"),
+    ("h&e-stained histology section showing many cells.", "cell density"),
+    ("brain mri showing a large lesion.", "side"),
+])
+def test_parse_caption_names_what_is_missing(caption, missing):
+    with pytest.raises(ValueError, match=missing) as err:
+        syn.parse_caption(caption)
+    assert caption in str(err.value)
+
+
+def test_conversations_hold_no_fact_absent_from_the_caption(world):
+    _, data = world
+    captions = {r["pair_id"]: r["fig_caption"] for r in data["pmc"]}
+    table = {q.text: q for q in syn.QUESTIONS}
+    checks = {q: d for d, q in syn.MODALITY_CHECKS.items()}
+    for r in data["instruct"]:
+        caption = captions[r["id"]]
+        facts = syn.parse_caption(caption)
+        turns = r["conversations"]
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            q, a = syn.normalize_question(human["value"]), gpt["value"]
+            if q in table:
+                assert a == table[q].answer(facts), (q, a, caption)
+                if table[q].answer_type == "OPEN":
+                    assert a in caption
+            elif q in checks:
+                assert a == ("yes" if checks[q] == syn.domain_of(facts) else "no")
+            else:
+                assert q in syn.DESCRIBE_PROMPTS
+                assert syn.parse_caption(a) == facts, (a, caption)
+    # The conversation follows the caption's text: edit the caption and the answers change with it.
+    caption = "chest x-ray showing an opacity in the right upper lobe and a normal heart size."
+    edited = caption.replace("right upper", "left lower")
+    answers = [gpt["value"] for seed in range(20)
+               for human, gpt in zip(*[iter(syn.conversation_from_caption(edited, np.random.default_rng(seed)))] * 2)
+               if syn.normalize_question(human["value"]) == "where is the opacity?"]
+    assert answers and set(answers) == {"left lower lobe"}
+
+
+def test_text_only_baseline_on_hand_computed_example():
+    def rec(q, a, kind=None):
+        r = {"id": q, "image": "x.png", "conversations": [{"from": "human", "value": f"<image>\n{q}"},
+                                                          {"from": "gpt", "value": a}]}
+        return r | ({"answer_type": kind} if kind else {})
+
+    train = [rec("is there a lesion?", "yes"), rec("Is there a lesion? ", "yes"), rec("is there a lesion?", "no"),
+             rec("where is the opacity?", "left upper lobe"), rec("where is the opacity?", "left upper lobe"),
+             rec("where is the opacity?", "right lower lobe")]
+    test = [rec("is there a lesion?", "yes", "CLOSED"), rec("is there a lesion?", "no", "CLOSED"),
+            rec("is the heart enlarged?", "no", "CLOSED"), rec("where is the opacity?", "right lower lobe", "OPEN")]
+    result = syn.text_only_baseline(train, test)
+    assert result["closed_accuracy"] == pytest.approx(1 / 3)  # yes right, no wrong, unseen question wrong
+    assert result["open_recall"] == pytest.approx(1 / 3)  # "left upper lobe" holds only "lobe"
+    assert result["chance_open_recall"] == pytest.approx((1 / 3 + 1) / 2)
+    assert (result["n_closed"], result["n_open"]) == (3, 1)
+
+
+def test_text_only_baseline_stays_near_chance(tmp_path):
+    cfg = syn.WorldConfig(seed=7, image_size=32, n_pmc=200, n_instruct=200, n_vqa_train=150, n_vqa_test=150,
+                          n_general=0)
+    result = syn.world_baseline(syn.generate_world(tmp_path, cfg))
+    print("text-only baseline:", result)
+    assert result["n_closed"] > 300 and result["n_open"] > 200
+    assert abs(result["closed_accuracy"] - 0.5) <= 0.10
+    assert result["open_recall"] <= result["chance_open_recall"] + 0.10
+
+
+def test_load_records_names_bad_line(tmp_path):
+    path = tmp_path / "pmc.jsonl"
+    path.write_text('{"pair_id": "a"}\n{"pair_id": \n')
+    with pytest.raises(ValueError, match=r"pmc\.jsonl:2"):
+        syn.load_records(path)
+
+
+def test_cli_writes_world_and_grid(tmp_path):
+    grid = tmp_path / "grid.png"
+    out = subprocess.run([sys.executable, "-m", "minillavamed.synthetic", "--out", str(tmp_path / "w"),
+                          "--grid", str(grid),
+                          "--image_size", "48", "--n_pmc", "5", "--n_instruct", "5", "--n_vqa_train", "5",
+                          "--n_vqa_test", "5", "--n_general", "5"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert "text-only baseline" in out.stdout
+    with Image.open(grid) as im:
+        assert im.size == (6 * 48, 6 * 48)
+    assert json.loads((tmp_path / "w" / "manifest.json").read_text())["config"]["image_size"] == 48
