@@ -32,7 +32,7 @@ def test_same_seed_same_bytes_different_seed_different(world, tmp_path):
     paths, _ = world
     first = _hashes(Path(paths["image_folder"]).parent)
     again = _hashes(Path(syn.generate_world(tmp_path / "again", SMALL)["image_folder"]).parent)
-    assert first == again and len(first) == 40 + 20 + 20 + 10 + 7  # images + 6 JSON files + manifest
+    assert first == again and len(first) == 40 + 20 + 20 + 10 + 8  # images + 7 JSON files + manifest
     other = _hashes(Path(syn.generate_world(tmp_path / "other", syn.WorldConfig(**{**vars(SMALL), "seed": 1}))
                          ["image_folder"]).parent)
     assert other.keys() == first.keys()
