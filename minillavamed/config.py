@@ -115,7 +115,8 @@ PRESETS: dict[str, LlavaConfig] = {
         projector=ProjectorConfig("mlp2x_gelu"),
         decoder=DecoderConfig(vocab_size=2048, dim=256, layers=4, heads=4, kv_heads=2, mlp_dim=688,
                               rope_theta=10000.0, max_seq_len=512),
-        conv_template="vicuna_v1",
+        # LLaVA-Med v1.5's template: no system prompt, so short samples stay short on a CPU.
+        conv_template="mistral_instruct",
         image_aspect_ratio="pad",
     ),
     # LLaVA-Med v1 (paper): CLIP ViT-L/14 at 224, one linear layer, LLaMA-7B.

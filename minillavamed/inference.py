@@ -95,17 +95,19 @@ def answer_questions(
     questions: Sequence[dict],
     image_root: str | os.PathLike | None,
     batch_size: int = 8,
-    progress: Callable[[int, int, float], None] | None = None,
+    on_batch: Callable[[Sequence[dict], list[str], int, float], None] | None = None,
     **generate_kw,
 ) -> list[str]:
-    """Answers for question dicts {"text", "image"?} in batches; `progress(done, total, seconds)`."""
+    """Answers for question dicts {"text", "image"?} in batches; after each batch
+    `on_batch(questions, answers, done, seconds)` (to save them at once, or to show progress)."""
     answers: list[str] = []
     start = time.perf_counter()
     for i in range(0, len(questions), batch_size):
         chunk = questions[i:i + batch_size]
         images = [load_image(os.path.join(os.fspath(image_root), q["image"])) if q.get("image") else None
                   for q in chunk]
-        answers += assistant.answer([q["text"] for q in chunk], images, **generate_kw)
-        if progress is not None:
-            progress(len(answers), len(questions), time.perf_counter() - start)
+        new = assistant.answer([q["text"] for q in chunk], images, **generate_kw)
+        answers += new
+        if on_batch is not None:
+            on_batch(chunk, new, len(answers), time.perf_counter() - start)
     return answers

@@ -1,0 +1,103 @@
+"""sample.py and the shared answering path against transformers' generate, batched vs one by one, resuming."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessor
+
+import hf_oracle as hf
+import sample
+from minillavamed.conversation import build_prompt, get_template, tokenize_prompt
+from minillavamed.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from minillavamed.inference import Assistant
+from minillavamed.tokenizer import train_tokenizer
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+TEXTS = ["what is shown in this image?", "is there an opacity in the left lower lobe?", "the heart is enlarged.",
+         "describe the figure.", "a ct scan of the abdomen with a small lesion on the right side."] * 20
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random llava-hf checkpoint with a SentencePiece tokenizer, as a user would download one."""
+    root = tmp_path_factory.mktemp("llava_hf")
+    tok = train_tokenizer(TEXTS, root / "tok", vocab_size=300)
+    vocab = tok.vocab_size
+    cfg = LlavaConfig(vision_config=hf.clip_config(), image_seq_length=16, image_token_index=vocab,
+                      text_config=hf.mistral_config(vocab_size=vocab + 1, bos_token_id=tok.bos_id,
+                                                    eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
+    model = hf.seeded(LlavaForConditionalGeneration, cfg, seed=11)
+    path = root / "model"
+    model.save_pretrained(path)
+    shutil.copy(root / "tok" / "tokenizer.model", path / "tokenizer.model")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    return root, model, tok
+
+
+def test_sample_py_greedy_equals_transformers_generate(checkpoint, capsys):
+    root, model, tok = checkpoint
+    question = "is there an opacity?"
+    assert sample.main(["--model", str(root / "model"), "--image", str(root / "img0.png"), "--prompt", question,
+                        "--max_new_tokens", "24"]) == 0
+    printed = capsys.readouterr().out.strip()
+
+    template = get_template("mistral_instruct")  # what a Mistral-based llava-hf checkpoint is chatted with
+    ids = tokenize_prompt(build_prompt(template, question), tok)
+    ids = sum(([tok.vocab_size] * 16 if t == -200 else [t] for t in ids), [])
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                   image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    pixels = processor(Image.open(root / "img0.png").convert("RGB"), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=24, do_sample=False,
+                             eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[0, len(ids):].tolist()
+    if tok.eos_id in out:
+        out = out[: out.index(tok.eos_id)]
+    expected = tok.decode(out)
+    for stop in template.stop_strings:
+        expected = expected.split(stop)[0]
+    assert len(out) > 3 and printed == expected.strip()
+
+
+def test_batched_answers_equal_one_by_one(checkpoint):
+    root, _, _ = checkpoint
+    assistant = Assistant.load(root / "model")
+    questions = ["is there an opacity?", "describe the figure in detail please, what is shown in this image?",
+                 "where?"]
+    images = [Image.open(root / f"img{i}.png") for i in range(3)]
+    batched = assistant.answer(questions, images, max_new_tokens=20)
+    alone = [assistant.answer([q], [im], max_new_tokens=20)[0] for q, im in zip(questions, images)]
+    assert batched == alone and len(set(batched)) > 1
+
+
+def test_question_file_is_resumable(checkpoint, tmp_path):
+    root, _, _ = checkpoint
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": f"q{i}", "image": f"img{i % 3}.png",
+                                             "text": f"question number {i}?"}) + "\n" for i in range(5)))
+    answers = tmp_path / "answers.jsonl"
+    argv = ["--model", str(root / "model"), "--questions", str(questions), "--image_folder", str(root),
+            "--answers", str(answers), "--batch_size", "2", "--max_new_tokens", "8"]
+    assert sample.main(argv) == 0
+    full = [json.loads(line) for line in answers.read_text().splitlines()]
+    # As if killed while writing the fourth answer: two whole lines and a torn one.
+    answers.write_text("".join(json.dumps(r) + "\n" for r in full[:2]) + json.dumps(full[2])[:15])
+    assert sample.main(argv) == 0
+    again = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["question_id"] for r in again] == [f"q{i}" for i in range(5)]
+    assert [r["text"] for r in again] == [r["text"] for r in full]
+
+
+def test_no_model_says_how_to_get_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="python train.py --stage 0"):
+        sample.main(["--prompt", "hello"])
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "hello", "--chat"])
