@@ -34,7 +34,7 @@ import torch.distributed as dist
 from minillavamed import LlavaMed
 from minillavamed.checkpoint import save_state
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset
-from minillavamed.conversation import get_template
+from minillavamed.conversation import get_template, render
 from minillavamed.data import ConversationDataset, ImageProcessor, collate, load_records, questions_from_vqa
 from minillavamed.evaluation import score_vqa
 from minillavamed.inference import Assistant, answer_questions
@@ -340,7 +340,9 @@ def main(argv=None) -> int:
     if source is None:  # stage 0 from scratch: a tokenizer trained on the world's text, then a random model
         tok_dir = out / "tokenizer"
         if d.master and not (tok_dir / "tokenizer.model").exists():
-            texts = [t["value"] for f in files for r in load_records(f) for t in r["conversations"]]
+            # Rendered conversations, so that the template's own markers ([INST] ...) become pieces too.
+            chat = get_template(cfg.conv or preset(cfg.preset).conv_template)
+            texts = [render(chat, r["conversations"]).replace("<image>", "") for f in files for r in load_records(f)]
             texts += [r["fig_caption"] for r in load_records(world["pmc"])] if world else []
             train_tokenizer(texts, tok_dir, preset(cfg.preset).decoder.vocab_size)
         barrier(d)

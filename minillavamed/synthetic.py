@@ -32,6 +32,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from minillavamed.synthetic_draw import DRAW
+from minillavamed.data import load_records
+from minillavamed.evaluation import open_recall
 
 DOMAINS = ("chest_xray", "ct_scan", "mri", "histology", "gross")
 # The open answer to "what type of image is this?"; each also appears verbatim in that domain's captions.
@@ -457,16 +459,6 @@ def normalize_question(text: str) -> str:
     return " ".join(text.replace("<image>", " ").lower().split())
 
 
-def answer_tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9&\-]+", text.lower())
-
-
-def open_recall(prediction: str, truth: str) -> float:
-    """Fraction of the ground-truth answer's tokens found in the prediction (the paper's open metric)."""
-    gt, pred = answer_tokens(truth), set(answer_tokens(prediction))
-    return sum(t in pred for t in gt) / max(len(gt), 1)
-
-
 def qa_pairs(records: list[dict]) -> list[tuple[str, str]]:
     """(normalized question, answer) for every human -> gpt turn pair of conversation records."""
     pairs = []
@@ -498,22 +490,6 @@ def text_only_baseline(train_records: list[dict], test_records: list[dict]) -> d
             "open_recall": float(np.mean(opened)) if opened else float("nan"),
             "chance_open_recall": float(np.mean(chance_open)) if chance_open else float("nan"),
             "n_closed": len(closed), "n_open": len(opened)}
-
-
-def load_records(path: str | Path) -> list[dict]:
-    """A JSON array or a JSONL file of records; a bad line is reported with the file and line number."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix != ".jsonl":
-        return json.loads(text)
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON object: {e}") from None
-    return records
 
 
 def world_baseline(paths: dict[str, str]) -> dict[str, float]:

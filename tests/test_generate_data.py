@@ -90,6 +90,17 @@ def test_normal_run_then_rerun_pays_nothing(tmp_path):
         assert "6/6 (0 failed)" in res.stderr and "tokens 600 in / 120 out" in res.stderr
         assert "$0.03" in res.stderr  # 600*30/1e6 + 120*60/1e6 = 0.0252
 
+        # The output feeds train.py as is: its dataset reader tokenizes every conversation.
+        from minillavamed.conversation import get_template
+        from minillavamed.data import ConversationDataset, ImageProcessor, load_records
+        from minillavamed.tokenizer import train_tokenizer
+
+        texts = [t["value"] for r in out for t in r["conversations"]]
+        tok = train_tokenizer(texts * 5, tmp_path / "tok", vocab_size=400)
+        ds = ConversationDataset(load_records(tmp_path / "out.jsonl"), tmp_path, get_template("vicuna_v1"), tok,
+                                 ImageProcessor(), max_len=4096, num_image_tokens=16, source="out.jsonl")
+        assert len(ds.samples) == 6 and not ds.dropped
+
         before = (tmp_path / "out.jsonl").read_bytes()
         res = run(gen_cmd(tmp_path, stub.url))
         assert res.returncode == 0 and len(stub.requests) == 6  # nothing requested twice
