@@ -209,6 +209,15 @@ def score_vqa(ground_truth: list[dict], answers: dict[str, str], substring_compa
             "unexpected_answer_ids": unexpected, "per_question": rows}
 
 
+def majority_answers(train: list[dict], ground_truth: list[dict]) -> dict[str, str]:
+    """The majority-answer baseline: every question gets the most common training answer of its type."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for r in train:
+        counts[str(r["answer_type"]).strip().upper()][normalize_answer(str(r["conversations"][1]["value"]))] += 1
+    best = {kind: c.most_common(1)[0][0] for kind, c in counts.items()}
+    return {str(r["id"]): best.get(str(r["answer_type"]).strip().upper(), "") for r in ground_truth}
+
+
 def format_table(header: list[str], rows: list[list]) -> str:
     cells = [[f"{v:.2f}" if isinstance(v, float) else "-" if v is None else str(v) for v in row] for row in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *cells)]
@@ -335,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("vqa", help="closed accuracy, open recall, exact match and token F1")
     v.add_argument("--gt", required=True, help="LLaVA-format VQA JSON, or the VQA-RAD release file")
-    v.add_argument("--answers", required=True, help="JSONL with question_id and text")
+    given = v.add_mutually_exclusive_group(required=True)
+    given.add_argument("--answers", help="JSONL with question_id and text")
+    given.add_argument("--majority", help="score the majority-answer baseline fitted on this training VQA file")
     v.add_argument("--out", help="write the scores (and per-question rows) as JSON")
     v.add_argument("--substring_compat", action="store_true", help="the reference's substring rule and recall")
     j = sub.add_parser("judge", help="GPT-4-judged conversation evaluation")
@@ -352,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.command == "vqa":
-        result = score_vqa(load_ground_truth(args.gt), load_answers(args.answers), args.substring_compat)
+        gt = load_ground_truth(args.gt)
+        answers = (majority_answers(load_ground_truth(args.majority), gt) if args.majority
+                   else load_answers(args.answers))
+        result = score_vqa(gt, answers, args.substring_compat)
         print(vqa_table(result))
         if result["missing_ids"]:
             print(f"{len(result['missing_ids'])} questions have no answer (scored as wrong): "

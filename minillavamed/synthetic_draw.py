@@ -213,9 +213,19 @@ POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bot
 
 
 def draw_general(facts: dict, rng: np.random.Generator, n: int) -> Image.Image:
-    """Everyday picture for the general-domain base model: one coloured shape on a plain background."""
-    pil = Image.new("RGB", (n, n), BACKGROUNDS[facts["background"]])
+    """Everyday picture for the general-domain base model: one coloured shape over a cluttered background.
+
+    The clutter (uneven texture and faint grey blobs) is what makes the base model's vision tower learn to
+    find one salient object among distractors, as a lesion must be found among anatomy later; on plain
+    backgrounds it only learns colours and positions of the whole picture."""
+    base = np.asarray(BACKGROUNDS[facts["background"]], dtype=np.float32) / 255.0
+    texture = (_smooth_field(rng, n, cells=int(rng.integers(4, 10))) - 0.5) * 0.25
+    pil = Image.fromarray((np.clip(base + texture[..., None], 0, 1) * 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(pil)
+    for _ in range(int(rng.integers(2, 6))):  # distractors: low-contrast grey, never one of the shape colours
+        bx, by, br = rng.random() * n, rng.random() * n, (0.04 + 0.08 * rng.random()) * n
+        grey = int(np.clip(base.mean() * 255 + rng.choice([-1, 1]) * rng.uniform(25, 45), 0, 255))
+        draw.ellipse((bx - br, by - br * 0.7, bx + br, by + br * 0.7), fill=(grey, grey, grey))
     px, py = POSITIONS[facts["position"]]
     cx, cy = (px + _jit(rng, 0.02)) * n, (py + _jit(rng, 0.02)) * n
     r = (0.22 if facts["size"] == "large" else 0.11) * n * (1 + _jit(rng, 0.05))

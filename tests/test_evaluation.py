@@ -207,3 +207,19 @@ def test_parse_judge_scores(text, scores):
 def test_parse_judge_scores_rejects(text):
     with pytest.raises(ValueError, match="two scores"):
         ev.parse_judge_scores(text)
+
+
+def test_majority_baseline_answers_the_most_common_training_answer_per_type():
+    from minillavamed.evaluation import majority_answers
+
+    def rec(i, a, kind):
+        return {"id": i, "answer_type": kind, "conversations": [{"from": "human", "value": "q"},
+                                                                 {"from": "gpt", "value": a}]}
+
+    train = [rec("a", "No", "CLOSED"), rec("b", "no", "CLOSED"), rec("c", "yes", "CLOSED"),
+             rec("d", "left lung", "OPEN"), rec("e", "Left lung.", "OPEN"), rec("f", "liver", "OPEN")]
+    test = [rec("x", "no", "CLOSED"), rec("y", "yes", "CLOSED"), rec("z", "left kidney", "OPEN")]
+    answers = majority_answers(train, test)
+    assert answers == {"x": "no", "y": "no", "z": "left lung"}
+    scores = ev.score_vqa(test, answers)["scores"]
+    assert scores["CLOSED"]["closed_accuracy"] == 50.0 and scores["OPEN"]["open_recall"] == 50.0

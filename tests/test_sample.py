@@ -101,3 +101,15 @@ def test_no_model_says_how_to_get_one(tmp_path, monkeypatch):
         sample.main(["--prompt", "hello"])
     with pytest.raises(SystemExit):
         sample.main(["--prompt", "hello", "--chat"])
+
+
+def test_chat_session(checkpoint, monkeypatch, capsys):
+    root, _, _ = checkpoint
+    lines = iter(["is there an opacity?", "/image " + str(root / "missing.png"), "/image " + str(root / "img1.png"),
+                  "and now?", "/reset", "where?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
+    assert sample.main(["--model", str(root / "model"), "--chat", "--image", str(root / "img0.png"),
+                        "--max_new_tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 3
+    assert "error: image file not found" in out and "missing.png" in out
