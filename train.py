@@ -52,7 +52,7 @@ TINY_STAGES = {
     # image, and then no gradient reaches the vision tower: 5e-4 keeps the image in play.
     0: dict(epochs=4.0, lr=5e-4, global_batch=32),
     1: dict(epochs=2.0, lr=2e-3, global_batch=32),
-    2: dict(epochs=4.0, lr=3e-4, global_batch=32),
+    2: dict(epochs=5.0, lr=3e-4, global_batch=32),
     3: dict(epochs=3.0, lr=1e-4, global_batch=32),
 }
 for _stage in TINY_STAGES.values():
@@ -392,7 +392,6 @@ def main(argv=None) -> int:
     max_iters = cfg.max_iters or math.ceil(cfg.epochs * steps_per_epoch)
 
     # ---- optimizer, parallelism ----
-    trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -408,6 +407,7 @@ def main(argv=None) -> int:
                         find_unused_parameters=cfg.stage == 0)
     else:
         ddp_model = model
+    trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP swaps parameters
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                                   eps=1e-8, foreach=device.type == "cuda")
     forward = torch.compile(ddp_model) if cfg.compile else ddp_model
@@ -458,9 +458,13 @@ def main(argv=None) -> int:
         if eval_file and (d.master or cfg.fsdp):
             gt = load_records(eval_file)[: cfg.eval_questions or None]
             assistant = Assistant(raw(model), tokenizer, get_template(raw(model).cfg.conv_template), processor)
+            if cfg.fsdp:  # generate() calls submodules directly, so gather the root's shards by hand
+                model.unshard()
             with autocast:
                 answers = answer_questions(assistant, questions_from_vqa(gt), image_folder, batch_size=32,
                                            max_new_tokens=32)
+            if cfg.fsdp:
+                model.reshard()
             scores = score_vqa(gt, {str(r["id"]): a for r, a in zip(gt, answers)})["scores"]
             closed, opened = scores.get("CLOSED", {}), scores.get("OPEN", {})
             result.update(closed_accuracy=(closed.get("closed_accuracy") or 0) / 100,
@@ -489,8 +493,11 @@ def main(argv=None) -> int:
                     for s, idx in micro_batches(len(train_set), cfg, d, accum, epoch, start))
                 nxt = next(batches)
             step_in_epoch, batch = nxt
-            sync = j == accum - 1 or not hasattr(ddp_model, "no_sync")
-            with (nullcontext() if sync else ddp_model.no_sync()), autocast:
+            # Gradients are reduced across processes once per optimizer step, after the last micro-batch.
+            last = j == accum - 1
+            if cfg.fsdp:
+                model.set_requires_gradient_sync(last)
+            with (nullcontext() if last or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync()), autocast:
                 if batch is None:  # every image of this micro-batch was unreadable and skipped
                     loss = sum((p * 0).sum() for p in trainable)
                 else:
@@ -501,6 +508,8 @@ def main(argv=None) -> int:
             loss_sum += float(loss.detach()) / accum
         start = step_in_epoch + 1
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         loss_avg = all_mean(loss_sum, d, device)
         if not math.isfinite(loss_avg) or not torch.isfinite(grad_norm):
             last = latest_checkpoint(out)
