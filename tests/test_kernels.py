@@ -1,30 +1,21 @@
 """Tests for the Triton fused attention (minillavamed/kernels) against the float64 reference beside it.
 
-Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set below before the kernels are
-imported) in float32 on tiny shapes; with CUDA the same cases run compiled in float16 and bfloat16, plus
+Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py before anything
+imports them) in float32 on tiny shapes; with CUDA the same cases run compiled in float16 and bfloat16, plus
 LLaVA's real shapes. Every output buffer the kernels allocate starts as NaN, so an element a kernel forgets
 to write shows up as a NaN in the comparison.
 """
 
-import importlib
 import os
 from contextlib import contextmanager
 
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
+ON_GPU = torch.cuda.is_available()  # without one, conftest.py has set TRITON_INTERPRET=1
 
-from minillavamed.kernels import flash_attention  # noqa: E402
-
-if not ON_GPU and not flash_attention._INTERPRETED:
-    # Another test module imported the kernels first, compiled for a GPU that is not here: rebuild them
-    # under the interpreter (triton.jit reads TRITON_INTERPRET when the module is executed).
-    flash_attention = importlib.reload(flash_attention)
-
-from minillavamed.kernels.reference import attention_reference, attention_reference_varlen  # noqa: E402
+from minillavamed.kernels import flash_attention
+from minillavamed.kernels.reference import attention_reference, attention_reference_varlen
 
 flash_attn_func = flash_attention.flash_attn_func
 flash_attn_varlen_func = flash_attention.flash_attn_varlen_func
