@@ -50,7 +50,7 @@ STAGES = {
 TINY_STAGES = {
     # From scratch, a higher rate lets the decoder fit the text prior before it learns to look at the
     # image, and then no gradient reaches the vision tower: 5e-4 keeps the image in play.
-    0: dict(epochs=3.0, lr=5e-4, global_batch=32),
+    0: dict(epochs=4.0, lr=5e-4, global_batch=32),
     1: dict(epochs=2.0, lr=2e-3, global_batch=32),
     2: dict(epochs=4.0, lr=3e-4, global_batch=32),
     3: dict(epochs=3.0, lr=1e-4, global_batch=32),

@@ -111,7 +111,7 @@ CLIP_L14_336 = dataclasses.replace(CLIP_L14_224, image_size=336)
 PRESETS: dict[str, LlavaConfig] = {
     # Small enough to train stages 0 -> 1 -> 2 on a 2-core CPU in minutes on the synthetic world.
     "tiny": LlavaConfig(
-        vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, mlp_dim=512),
+        vision=VisionConfig(image_size=64, patch_size=16, width=128, layers=4, heads=4, mlp_dim=512),
         projector=ProjectorConfig("mlp2x_gelu"),
         decoder=DecoderConfig(vocab_size=2048, dim=256, layers=4, heads=4, kv_heads=2, mlp_dim=688,
                               rope_theta=10000.0, max_seq_len=512),
