@@ -74,8 +74,8 @@ class Streamer:
         self.assistant, self.tokens, self.shown = assistant, [], 0
         self.hold = max(len(s) for s in assistant.template.stop_strings)
 
-    def __call__(self, tokens: torch.Tensor, active: torch.Tensor) -> None:
-        if not bool(active[0]) or int(tokens[0]) == self.assistant.tokenizer.eos_id:
+    def __call__(self, tokens: torch.Tensor, active: list[bool]) -> None:
+        if not active[0] or int(tokens[0]) == self.assistant.tokenizer.eos_id:
             return
         self.tokens.append(int(tokens[0]))
         text = self.assistant.tokenizer.decode(self.tokens)

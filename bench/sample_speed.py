@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from minillavamed import LlavaMed
-from minillavamed.checkpoint import export_llava_hf
-from minillavamed.config import IMAGE_TOKEN_INDEX, preset
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from minillavamed import LlavaMed  # noqa: E402
+from minillavamed.checkpoint import export_llava_hf  # noqa: E402
+from minillavamed.config import IMAGE_TOKEN_INDEX, preset  # noqa: E402
 
 
 class FirstTokenClock:

@@ -61,7 +61,7 @@ class Assistant:
         top_p: float = 1.0,
         top_k: int = 0,
         generator: torch.Generator | None = None,
-        on_token: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+        on_token: Callable[[torch.Tensor, list[bool]], None] | None = None,
     ) -> list[str]:
         """One reply per question; `histories` holds earlier (question, answer) turns of each chat."""
         histories = histories or [()] * len(questions)

@@ -139,14 +139,14 @@ class LlavaMed(nn.Module):
         stop_strings: Sequence[str] = (),
         decode: Callable[[list[int]], str] | None = None,
         generator: torch.Generator | None = None,
-        on_token: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+        on_token: Callable[[torch.Tensor, list[bool]], None] | None = None,
     ) -> list[list[int]]:
         """New token ids for each prompt row (EOS excluded), `temperature` 0 meaning greedy.
 
         A row stops at `eos_id` (default: the config's) or once its decoded text contains one of
         `stop_strings` (which needs `decode`); the stop string's tokens are kept for the caller to cut.
-        `on_token(tokens, active)` sees each step's tokens (batch,) and which rows were still running, for
-        streaming.
+        `on_token(tokens, active)` sees each step's tokens (batch,) and which rows (a list of bools) were
+        still running, for streaming.
         """
         if stop_strings and decode is None:
             raise ValueError("stop_strings need a decode function to read the generated text")
@@ -158,24 +158,26 @@ class LlavaMed(nn.Module):
         hidden = self.decoder(embeds, positions, mask if padded else None, cache)
         logits = self.decoder.lm_head(hidden[:, -1]).float()
         out: list[list[int]] = [[] for _ in range(batch)]
-        active = torch.ones(batch, dtype=torch.bool, device=mask.device)
+        active = [True] * batch
         tail = max((len(s) for s in stop_strings), default=0) + 4  # tokens enough to hold any stop string
         for step in range(max_new_tokens):
             tokens = sample_next(logits, temperature, top_k, top_p, generator)
             if on_token is not None:
-                on_token(tokens, active.clone())
-            for b in active.nonzero()[:, 0].tolist():
-                t = int(tokens[b])
+                on_token(tokens, list(active))
+            for b, t in enumerate(tokens.tolist()):  # one device sync per step, then plain Python
+                if not active[b]:
+                    continue
                 if t == eos_id:
                     active[b] = False
                     continue
                 out[b].append(t)
                 if stop_strings and any(s in decode(out[b][-tail:]) for s in stop_strings):
                     active[b] = False
-            if not bool(active.any()) or step == max_new_tokens - 1:
+            if not any(active) or step == max_new_tokens - 1:
                 break
             positions = positions[:, -1:] + 1
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            if padded:
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
             hidden = self.decoder(self.decoder.embed(tokens[:, None]), positions, mask if padded else None, cache)
             logits = self.decoder.lm_head(hidden[:, -1]).float()
         return out
