@@ -89,8 +89,8 @@ def main() -> None:
     tokens = args.batch * seq
     mfu = f"{flops / dt / (peak * 1e12):.1%}" if peak else "n/a (give --peak_tflops)"
     print(f"{args.preset} stage {args.stage}: decoder {cfg.decoder.layers} layers, "
-          f"{sum(q.numel() for q in model.parameters()) / 1e9:.2f}B params "
-          f"({sum(q.numel() for q in trainable) / 1e9:.2f}B trainable), batch {args.batch} x {seq} tokens, "
+          f"{sum(q.numel() for q in model.parameters()) / 1e6:,.1f}M params "
+          f"({sum(q.numel() for q in trainable) / 1e6:,.1f}M trainable), batch {args.batch} x {seq} tokens, "
           f"{dtype}, {args.device}{', grad ckpt' if args.grad_ckpt else ''}")
     print(f"step {dt * 1e3:.1f} ms | {tokens / dt:,.0f} tokens/s | {flops / dt / 1e12:.2f} TFLOP/s | MFU {mfu}")
     if cuda:
