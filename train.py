@@ -23,7 +23,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,6 +281,18 @@ def latest_checkpoint(out: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+@contextmanager
+def stop_signals():
+    """A list that SIGTERM / SIGINT append to while training runs; the previous handlers come back after."""
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, _f: caught.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def raw(model):
     return model.module if hasattr(model, "module") else model
 
@@ -352,7 +364,8 @@ def main(argv=None) -> int:
         tokenizer = Tokenizer(tokenizer_file)
         mcfg = preset(cfg.preset)
         mcfg.decoder.vocab_size = tokenizer.vocab_size
-        mcfg.decoder.bos_id, mcfg.decoder.eos_id, mcfg.decoder.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+        mcfg.decoder.bos_id, mcfg.decoder.eos_id = tokenizer.bos_id, tokenizer.eos_id
+        mcfg.decoder.pad_id = tokenizer.pad_id
         model = LlavaMed(mcfg)
     else:
         tokenizer_file = source / "tokenizer.model"
@@ -441,120 +454,121 @@ def main(argv=None) -> int:
         f"({accum} x {cfg.micro_batch} x {d.world} procs), {trainable_n / 1e6:.2f}M trainable of "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, template {template.name}, {cfg.device} {cfg.dtype}")
 
-    stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, _f: stop_signal.append(s))
+    with stop_signals() as stop_signal:
 
-    def evaluate() -> dict:
-        """Validation loss (all ranks, each on its slice) and VQA scores (rank 0; every rank under FSDP)."""
-        ddp_model.eval()
-        losses = []
-        with torch.no_grad(), autocast:
-            for k in range(d.rank * cfg.micro_batch, len(val_set), cfg.micro_batch * d.world):
-                b = collate([val_set[i] for i in range(k, min(k + cfg.micro_batch, len(val_set)))], tokenizer.pad_id)
-                if b is not None:
-                    losses.append(float(ddp_model(**to_device(b, device))[1]))
-        result = {"iter": it, "val_loss": all_mean(sum(losses) / max(1, len(losses)), d, device)}
-        if eval_file and (d.master or cfg.fsdp):
-            gt = load_records(eval_file)[: cfg.eval_questions or None]
-            assistant = Assistant(raw(model), tokenizer, get_template(raw(model).cfg.conv_template), processor)
-            if cfg.fsdp:  # generate() calls submodules directly, so gather the root's shards by hand
-                model.unshard()
-            with autocast:
-                answers = answer_questions(assistant, questions_from_vqa(gt), image_folder, batch_size=32,
-                                           max_new_tokens=32)
-            if cfg.fsdp:
-                model.reshard()
-            scores = score_vqa(gt, {str(r["id"]): a for r, a in zip(gt, answers)})["scores"]
-            closed, opened = scores.get("CLOSED", {}), scores.get("OPEN", {})
-            result.update(closed_accuracy=(closed.get("closed_accuracy") or 0) / 100,
-                          open_recall=(opened.get("open_recall") or 0) / 100, n_questions=len(gt))
-            if d.master:
-                (out / "eval.json").write_text(json.dumps(result, indent=2))
-        barrier(d)
+        def evaluate() -> dict:
+            """Validation loss (all ranks, each on its slice) and VQA scores (rank 0; every rank under FSDP)."""
+            ddp_model.eval()
+            losses = []
+            with torch.no_grad(), autocast:
+                for k in range(d.rank * cfg.micro_batch, len(val_set), cfg.micro_batch * d.world):
+                    rows = range(k, min(k + cfg.micro_batch, len(val_set)))
+                    b = collate([val_set[i] for i in rows], tokenizer.pad_id)
+                    if b is not None:
+                        losses.append(float(ddp_model(**to_device(b, device))[1]))
+            result = {"iter": it, "val_loss": all_mean(sum(losses) / max(1, len(losses)), d, device)}
+            if eval_file and (d.master or cfg.fsdp):
+                gt = load_records(eval_file)[: cfg.eval_questions or None]
+                assistant = Assistant(raw(model), tokenizer, get_template(raw(model).cfg.conv_template), processor)
+                if cfg.fsdp:  # generate() calls submodules directly, so gather the root's shards by hand
+                    model.unshard()
+                with autocast:
+                    answers = answer_questions(assistant, questions_from_vqa(gt), image_folder, batch_size=32,
+                                               max_new_tokens=32)
+                if cfg.fsdp:
+                    model.reshard()
+                scores = score_vqa(gt, {str(r["id"]): a for r, a in zip(gt, answers)})["scores"]
+                closed, opened = scores.get("CLOSED", {}), scores.get("OPEN", {})
+                result.update(closed_accuracy=(closed.get("closed_accuracy") or 0) / 100,
+                              open_recall=(opened.get("open_recall") or 0) / 100, n_questions=len(gt))
+                if d.master:
+                    (out / "eval.json").write_text(json.dumps(result, indent=2))
+            barrier(d)
+            ddp_model.train()
+            return result
+
+        # ---- the loop ----
         ddp_model.train()
-        return result
+        epoch, start = position["epoch"], position["step"]
+        batches = iter(())
+        t_start, steps_timed = time.perf_counter(), 0
+        while it < max_iters:
+            t0 = time.perf_counter()
+            loss_sum, padded, text_tokens, images = 0.0, 0, 0, 0
+            for j in range(accum):
+                nxt = next(batches, None)
+                if nxt is None:  # epoch boundary (or first pass)
+                    if start >= steps_per_epoch:
+                        epoch, start = epoch + 1, 0
+                    batches = (
+                        (s, collate([train_set[i] for i in idx], tokenizer.pad_id, cfg.pack,
+                                    model.cfg.vision.num_patches))
+                        for s, idx in micro_batches(len(train_set), cfg, d, accum, epoch, start))
+                    nxt = next(batches)
+                step_in_epoch, batch = nxt
+                # Gradients are reduced across processes once per optimizer step, after the last micro-batch.
+                last = j == accum - 1
+                if cfg.fsdp:
+                    model.set_requires_gradient_sync(last)
+                with (nullcontext() if last or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync()), autocast:
+                    if batch is None:  # every image of this micro-batch was unreadable and skipped
+                        loss = sum((p * 0).sum() for p in trainable)
+                    else:
+                        n_text, n_img, n_pad = count_tokens(batch, model.cfg.vision.num_patches)
+                        text_tokens, images, padded = text_tokens + n_text, images + n_img, padded + n_pad
+                        _, loss = forward(**to_device(batch, device))
+                (loss / accum).backward()
+                loss_sum += float(loss.detach()) / accum
+            start = step_in_epoch + 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
+            loss_avg = all_mean(loss_sum, d, device)
+            if not math.isfinite(loss_avg) or not torch.isfinite(grad_norm):
+                last = latest_checkpoint(out)
+                log(f"error: loss {loss_avg} / grad norm {float(grad_norm)} at iter {it} is not finite; stopping. "
+                    f"The last good checkpoint is {last or 'none (no checkpoint was written yet)'}.")
+                return 1
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(it, cfg, max_iters)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            it += 1
+            dt = time.perf_counter() - t0
+            steps_timed += 1
 
-    # ---- the loop ----
-    ddp_model.train()
-    epoch, start = position["epoch"], position["step"]
-    batches = iter(())
-    t_start, steps_timed = time.perf_counter(), 0
-    while it < max_iters:
-        t0 = time.perf_counter()
-        loss_sum, padded, text_tokens, images = 0.0, 0, 0, 0
-        for j in range(accum):
-            nxt = next(batches, None)
-            if nxt is None:  # epoch boundary (or first pass)
-                if start >= steps_per_epoch:
-                    epoch, start = epoch + 1, 0
-                batches = (
-                    (s, collate([train_set[i] for i in idx], tokenizer.pad_id, cfg.pack, model.cfg.vision.num_patches))
-                    for s, idx in micro_batches(len(train_set), cfg, d, accum, epoch, start))
-                nxt = next(batches)
-            step_in_epoch, batch = nxt
-            # Gradients are reduced across processes once per optimizer step, after the last micro-batch.
-            last = j == accum - 1
-            if cfg.fsdp:
-                model.set_requires_gradient_sync(last)
-            with (nullcontext() if last or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync()), autocast:
-                if batch is None:  # every image of this micro-batch was unreadable and skipped
-                    loss = sum((p * 0).sum() for p in trainable)
-                else:
-                    n_text, n_img, n_pad = count_tokens(batch, model.cfg.vision.num_patches)
-                    text_tokens, images, padded = text_tokens + n_text, images + n_img, padded + n_pad
-                    _, loss = forward(**to_device(batch, device))
-            (loss / accum).backward()
-            loss_sum += float(loss.detach()) / accum
-        start = step_in_epoch + 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        loss_avg = all_mean(loss_sum, d, device)
-        if not math.isfinite(loss_avg) or not torch.isfinite(grad_norm):
-            last = latest_checkpoint(out)
-            log(f"error: loss {loss_avg} / grad norm {float(grad_norm)} at iter {it} is not finite; stopping. "
-                f"The last good checkpoint is {last or 'none (no checkpoint was written yet)'}.")
-            return 1
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, cfg, max_iters)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        it += 1
-        dt = time.perf_counter() - t0
-        steps_timed += 1
+            if it % cfg.log_interval == 0 or it == max_iters:
+                real = text_tokens + images * model.cfg.vision.num_patches
+                seq = real / max(1, cfg.micro_batch * accum)
+                tps = all_mean(real, d, device) * d.world / dt
+                flops = flops_per_step(raw(model), cfg.stage, text_tokens, images, int(seq)) * d.world / dt
+                mfu = flops / (peak * 1e12) if peak else None
+                eta = (time.perf_counter() - t_start) / steps_timed * (max_iters - it)
+                row = {"iter": it, "loss": loss_avg, "lr": optimizer.param_groups[0]["lr"],
+                       "grad_norm": float(grad_norm),
+                       "tokens_per_s": tps, "pad_frac": padded / max(1, padded + real), "mfu": mfu, "epoch": epoch}
+                log(f"iter {it}/{max_iters} loss {loss_avg:.4f} lr {row['lr']:.2e} gnorm {row['grad_norm']:.2f} "
+                    f"{tps:,.0f} tok/s pad {row['pad_frac']:.0%}" + (f" mfu {mfu:.1%}" if mfu is not None else "")
+                    + f" eta {eta / 60:.1f}m")
+                if d.master:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
 
-        if it % cfg.log_interval == 0 or it == max_iters:
-            real = text_tokens + images * model.cfg.vision.num_patches
-            seq = real / max(1, cfg.micro_batch * accum)
-            tps = all_mean(real, d, device) * d.world / dt
-            flops = flops_per_step(raw(model), cfg.stage, text_tokens, images, int(seq)) * d.world / dt
-            mfu = flops / (peak * 1e12) if peak else None
-            eta = (time.perf_counter() - t_start) / steps_timed * (max_iters - it)
-            row = {"iter": it, "loss": loss_avg, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                   "tokens_per_s": tps, "pad_frac": padded / max(1, padded + real), "mfu": mfu, "epoch": epoch}
-            log(f"iter {it}/{max_iters} loss {loss_avg:.4f} lr {row['lr']:.2e} gnorm {row['grad_norm']:.2f} "
-                f"{tps:,.0f} tok/s pad {row['pad_frac']:.0%}" + (f" mfu {mfu:.1%}" if mfu is not None else "")
-                + f" eta {eta / 60:.1f}m")
-            if d.master:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+            position = {"epoch": epoch, "step": start}
+            stopping = bool(all_mean(float(bool(stop_signal)), d, device))
+            if cfg.eval_interval and it % cfg.eval_interval == 0 and it < max_iters:
+                result = evaluate()
+                log(f"eval {json.dumps(result)}")
+            if it % cfg.ckpt_interval == 0 or it == max_iters or stopping:
+                save_checkpoint(out, it, ddp_model, optimizer, cfg, d, tokenizer_file, position)
+            if stopping:
+                log(f"interrupted at iter {it}: checkpoint saved in {out}; continue with --resume")
+                return 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
 
-        position = {"epoch": epoch, "step": start}
-        stopping = bool(all_mean(float(bool(stop_signal)), d, device))
-        if cfg.eval_interval and it % cfg.eval_interval == 0 and it < max_iters:
-            result = evaluate()
-            log(f"eval {json.dumps(result)}")
-        if it % cfg.ckpt_interval == 0 or it == max_iters or stopping:
-            save_checkpoint(out, it, ddp_model, optimizer, cfg, d, tokenizer_file, position)
-        if stopping:
-            log(f"interrupted at iter {it}: checkpoint saved in {out}; continue with --resume")
-            return 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
-
-    log(f"eval {json.dumps(evaluate())}")
-    if d.master:
-        metrics.close()
-    return 0
+        log(f"eval {json.dumps(evaluate())}")
+        if d.master:
+            metrics.close()
+        return 0
 
 
 def count_tokens(batch: dict, patches: int) -> tuple[int, int, int]:

@@ -208,7 +208,8 @@ def load_model(path, vision_tower=None, dtype=None, device=None, projector: str 
         vc, tc = meta["vision_config"], meta["text_config"]
         layer = meta.get("vision_feature_layer", -2)
         if not isinstance(layer, int):
-            raise CheckpointError(f"{path / 'config.json'}: vision_feature_layer {layer!r}: only one layer is supported")
+            raise CheckpointError(f"{path / 'config.json'}: vision_feature_layer {layer!r}: "
+                                  "only one layer is supported")
         if meta.get("projector_hidden_act", "gelu") != "gelu":
             raise CheckpointError(f"{path / 'config.json'}: projector_hidden_act must be gelu")
         feature = "patch" if meta.get("vision_feature_select_strategy", "default") == "default" else "cls_patch"
@@ -228,7 +229,7 @@ def load_model(path, vision_tower=None, dtype=None, device=None, projector: str 
         sources.append((files, vision_keys(cfg.vision, vis) + decoder_keys(cfg.decoder, lm, head)
                         + projector_keys(cfg.projector, proj, "hf"), ()))
     elif "mm_vision_tower" in meta or "mm_projector_type" in meta or kind in ("llava_llama", "llava_mistral"):
-        tower_dir = _find_vision_tower(path, meta, vision_tower, files)
+        tower_dir = _find_vision_tower(path, meta, vision_tower)
         layer = meta.get("mm_vision_select_layer", -2)
         feature = meta.get("mm_vision_select_feature", "patch")
         embedded = _first_prefix(files, "embeddings.patch_embedding.weight",
@@ -271,7 +272,7 @@ def load_model(path, vision_tower=None, dtype=None, device=None, projector: str 
     return model
 
 
-def _find_vision_tower(path: Path, meta: dict, given, files: WeightFiles) -> Path | None:
+def _find_vision_tower(path: Path, meta: dict, given) -> Path | None:
     if given is not None:
         return Path(given)
     named = meta.get("mm_vision_tower")
