@@ -78,14 +78,14 @@ class Streamer:
         if not active[0] or int(tokens[0]) == self.assistant.tokenizer.eos_id:
             return
         self.tokens.append(int(tokens[0]))
-        text = self.assistant.tokenizer.decode(self.tokens)
+        text = self.assistant.tokenizer.decode(self.tokens).lstrip()  # as the final reply is stripped
         safe = len(text) - self.hold
         if safe > self.shown and not any(s in text for s in self.assistant.template.stop_strings):
             print(text[self.shown:safe], end="", flush=True)
             self.shown = safe
 
     def finish(self, reply: str) -> None:
-        print(reply[self.shown:] if reply.startswith(reply[: self.shown]) else "", flush=True)
+        print(reply[self.shown:], flush=True)  # the reply begins with what was shown: stops were held back
 
 
 def ask(assistant: Assistant, args, question: str, image, history=()) -> str:

@@ -345,24 +345,20 @@ def main(argv=None) -> int:
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         log(f"--resume: no checkpoint in {out}/checkpoints; starting fresh")
-    if resume_from is not None:
-        source = resume_from
-    elif cfg.init_from:
-        source = Path(cfg.init_from)
-    else:
-        source = None
+    source = resume_from or (Path(cfg.init_from) if cfg.init_from else None)
+    records = [r for f in files for r in load_records(f)]
     if source is None:  # stage 0 from scratch: a tokenizer trained on the world's text, then a random model
         tok_dir = out / "tokenizer"
+        mcfg = preset(cfg.preset)
         if d.master and not (tok_dir / "tokenizer.model").exists():
             # Rendered conversations, so that the template's own markers ([INST] ...) become pieces too.
-            chat = get_template(cfg.conv or preset(cfg.preset).conv_template)
-            texts = [render(chat, r["conversations"]).replace("<image>", "") for f in files for r in load_records(f)]
+            chat = get_template(cfg.conv or mcfg.conv_template)
+            texts = [render(chat, r["conversations"]).replace("<image>", "") for r in records]
             texts += [r["fig_caption"] for r in load_records(world["pmc"])] if world else []
-            train_tokenizer(texts, tok_dir, preset(cfg.preset).decoder.vocab_size)
+            train_tokenizer(texts, tok_dir, mcfg.decoder.vocab_size)
         barrier(d)
         tokenizer_file = tok_dir / "tokenizer.model"
         tokenizer = Tokenizer(tokenizer_file)
-        mcfg = preset(cfg.preset)
         mcfg.decoder.vocab_size = tokenizer.vocab_size
         mcfg.decoder.bos_id, mcfg.decoder.eos_id = tokenizer.bos_id, tokenizer.eos_id
         mcfg.decoder.pad_id = tokenizer.pad_id
@@ -382,7 +378,6 @@ def main(argv=None) -> int:
     model.to(device)
     processor = ImageProcessor.for_model(model.cfg.vision.image_size, model.cfg.image_aspect_ratio)
 
-    records = [r for f in files for r in load_records(f)]
     if len(records) <= cfg.val_size:
         raise SystemExit(f"{files}: {len(records)} records, not enough to hold out {cfg.val_size} for validation")
     # The validation records are a fixed random sample, the same in every run with this seed.
@@ -454,6 +449,7 @@ def main(argv=None) -> int:
         f"({accum} x {cfg.micro_batch} x {d.world} procs), {trainable_n / 1e6:.2f}M trainable of "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, template {template.name}, {cfg.device} {cfg.dtype}")
 
+    eval_gt = load_records(eval_file)[: cfg.eval_questions or None] if eval_file else []
     with stop_signals() as stop_signal:
 
         def evaluate() -> dict:
@@ -467,20 +463,19 @@ def main(argv=None) -> int:
                     if b is not None:
                         losses.append(float(ddp_model(**to_device(b, device))[1]))
             result = {"iter": it, "val_loss": all_mean(sum(losses) / max(1, len(losses)), d, device)}
-            if eval_file and (d.master or cfg.fsdp):
-                gt = load_records(eval_file)[: cfg.eval_questions or None]
-                assistant = Assistant(raw(model), tokenizer, get_template(raw(model).cfg.conv_template), processor)
+            if eval_gt and (d.master or cfg.fsdp):
+                assistant = Assistant.for_model(raw(model), tokenizer)
                 if cfg.fsdp:  # generate() calls submodules directly, so gather the root's shards by hand
                     model.unshard()
                 with autocast:
-                    answers = answer_questions(assistant, questions_from_vqa(gt), image_folder, batch_size=32,
+                    answers = answer_questions(assistant, questions_from_vqa(eval_gt), image_folder, batch_size=32,
                                                max_new_tokens=32)
                 if cfg.fsdp:
                     model.reshard()
-                scores = score_vqa(gt, {str(r["id"]): a for r, a in zip(gt, answers)})["scores"]
+                scores = score_vqa(eval_gt, {str(r["id"]): a for r, a in zip(eval_gt, answers)})["scores"]
                 closed, opened = scores.get("CLOSED", {}), scores.get("OPEN", {})
                 result.update(closed_accuracy=(closed.get("closed_accuracy") or 0) / 100,
-                              open_recall=(opened.get("open_recall") or 0) / 100, n_questions=len(gt))
+                              open_recall=(opened.get("open_recall") or 0) / 100, n_questions=len(eval_gt))
                 if d.master:
                     (out / "eval.json").write_text(json.dumps(result, indent=2))
             barrier(d)

@@ -40,7 +40,7 @@ class WeightFiles:
 
     def __init__(self, directory: Path):
         self.dir = directory
-        self.where: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
         index = next((directory / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
                       if (directory / n).exists()), None)
         if index is not None:
@@ -53,8 +53,8 @@ class WeightFiles:
                            if (directory / n).exists()), None)
             if single is None:
                 raise CheckpointError(f"{directory}: no model.safetensors, pytorch_model.bin or shard index found")
-            self.where = {k: single for k in self._open(single).keys()}
-        self._handles: dict[Path, object] = {}
+            self._handles[single] = self._open(single)  # kept: listing the keys already opened it
+            self.where = {k: single for k in self._handles[single].keys()}
 
     def _open(self, file: Path):
         if file.suffix == ".bin":
@@ -203,7 +203,9 @@ def load_model(path, vision_tower=None, dtype=None, device=None, projector: str 
 
     if kind == FORMAT:
         cfg = LlavaConfig.from_dict({k: v for k, v in meta.items() if k != "model_type"})
-        sources.append((files, [(k, k) for k in _expected_keys(cfg)], ()))
+        ours = [o for o, _ in vision_keys(cfg.vision, "") + decoder_keys(cfg.decoder, "", "")
+                + projector_keys(cfg.projector, "", "hf")]  # our names: the left side of every key map
+        sources.append((files, [(k, k) for k in ours], ()))
     elif kind == "llava" and "text_config" in meta:
         vc, tc = meta["vision_config"], meta["text_config"]
         layer = meta.get("vision_feature_layer", -2)
@@ -287,13 +289,6 @@ def _clip_prefix(clip: WeightFiles, directory: Path) -> str:
     if pre is None:
         raise CheckpointError(f"{directory}: no CLIP vision weights (vision_model.embeddings.patch_embedding.weight)")
     return pre
-
-
-def _expected_keys(cfg: LlavaConfig) -> list[str]:
-    from minillavamed.llava import LlavaMed
-
-    with torch.device("meta"):
-        return [name for name, _ in LlavaMed(cfg).named_parameters()]  # tied weights are listed once
 
 
 def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, device: torch.device) -> None:
