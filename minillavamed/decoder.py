@@ -31,18 +31,20 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables (..., seqlen, 1, head_dim) for integer positions (..., seqlen)."""
+    """cos/sin tables (..., seqlen, 1, head_dim) for integer positions (..., seqlen).
+
+    The released checkpoints rotate the two halves of each head (HF's convention), not interleaved pairs:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). The sin table carries the minus sign on its first half, so
+    that apply_rope only has to swap the halves.
+    """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     freqs = positions.float()[..., None] * inv_freq
-    # The released checkpoints rotate the two halves of each head (HF's convention), not interleaved pairs.
-    emb = torch.cat([freqs, freqs], dim=-1)[..., None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], dim=-1)[..., None, :].to(dtype), torch.cat([-sin, sin], dim=-1)[..., None, :].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin  # roll swaps the halves: (x2, x1)
 
 
 class KVCache:
@@ -53,6 +55,8 @@ class KVCache:
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0  # tokens already cached; advanced by the decoder after each forward
+        # Rotary tables for every position the cache can reach, so that a decode step only looks them up.
+        self.cos, self.sin = rope_cos_sin(torch.arange(max_len, device=device), cfg.head_dim, cfg.rope_theta, dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         end = self.length + k.shape[1]
@@ -131,7 +135,10 @@ class Decoder(nn.Module):
         `key_padding_mask` (batch, cached + seqlen) marks real tokens; `cu_seqlens` marks the boundaries of
         samples packed into one row (batch must be 1 then).
         """
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        if cache is None:
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        else:
+            cos, sin = cache.cos[positions], cache.sin[positions]
         x = embeds
         for i, block in enumerate(self.blocks):
             args = (cos, sin, i, key_padding_mask, cache, cu_seqlens, max_seqlen, self.backend)
