@@ -24,10 +24,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32 even under bf16: the mean of squares loses too much precision otherwise.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalize in fp32 even under bf16: the mean of squares loses too much precision otherwise. The
+        # weight multiplies after the cast back, as in the released models' code.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -45,6 +44,16 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin  # roll swaps the halves: (x2, x1)
+
+
+def linear(dim_in: int, dim_out: int) -> nn.Linear:
+    """A bias-free nn.Linear whose weight is stored input-major: the (dim_out, dim_in) weight is the transpose of
+    a contiguous (dim_in, dim_out) tensor. Shape, name and checkpoint format stay nn.Linear's; only the memory
+    order differs, because the CPU's matrix-vector product (decoding, one token per row) runs up to 2x faster
+    on it, and larger products no slower."""
+    layer = nn.Linear(dim_in, dim_out, bias=False)
+    layer.weight = nn.Parameter(layer.weight.detach().t().contiguous().t())
+    return layer
 
 
 class KVCache:
@@ -71,10 +80,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = linear(cfg.dim, cfg.heads * cfg.head_dim)
+        self.wk = linear(cfg.dim, cfg.kv_heads * cfg.head_dim)
+        self.wv = linear(cfg.dim, cfg.kv_heads * cfg.head_dim)
+        self.wo = linear(cfg.heads * cfg.head_dim, cfg.dim)
 
     def forward(self, x, cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen, backend):
         b, t, _ = x.shape
@@ -96,9 +105,9 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.gate = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
-        self.up = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
-        self.down = nn.Linear(cfg.mlp_dim, cfg.dim, bias=False)
+        self.gate = linear(cfg.dim, cfg.mlp_dim)
+        self.up = linear(cfg.dim, cfg.mlp_dim)
+        self.down = linear(cfg.mlp_dim, cfg.dim)
 
     def forward(self, x, cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen, backend):
         x = x + self.attn(self.attn_norm(x), cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen,
@@ -114,7 +123,7 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = linear(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.backend = "sdpa"
