@@ -60,20 +60,23 @@ class KVCache:
     """Preallocated keys and values of every layer, so that each generated token costs one step."""
 
     def __init__(self, cfg: DecoderConfig, batch: int, max_len: int, dtype: torch.dtype, device):
-        shape = (cfg.layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
+        # One tensor per layer rather than one stacked tensor: a decode step then indexes one level less.
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
+        self.max_len = max_len
         self.length = 0  # tokens already cached; advanced by the decoder after each forward
         # Rotary tables for every position the cache can reach, so that a decode step only looks them up.
         self.cos, self.sin = rope_cos_sin(torch.arange(max_len, device=device), cfg.head_dim, cfg.rope_theta, dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         end = self.length + k.shape[1]
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} needed")
-        self.k[layer, :, self.length:end] = k
-        self.v[layer, :, self.length:end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} needed")
+        keys, values = self.k[layer], self.v[layer]
+        keys[:, self.length:end] = k
+        values[:, self.length:end] = v
+        return keys[:, :end], values[:, :end]
 
 
 class Attention(nn.Module):
