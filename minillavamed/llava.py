@@ -154,8 +154,10 @@ class LlavaMed(nn.Module):
         embeds, mask, positions, _ = self.splice(input_ids, pixel_values, attention_mask, pad_left=True)
         batch, length = mask.shape
         cache = KVCache(self.cfg.decoder, batch, length + max_new_tokens, embeds.dtype, embeds.device)
-        padded = not bool(mask.all())
-        hidden = self.decoder(embeds, positions, mask if padded else None, cache)
+        # Padded rows need a key mask; it is allocated once with room for the new (real) tokens, so that each
+        # step passes a longer view of it.
+        mask = torch.cat([mask, mask.new_ones(batch, max_new_tokens)], dim=1) if not bool(mask.all()) else None
+        hidden = self.decoder(embeds, positions, None if mask is None else mask[:, :length], cache)
         logits = self.decoder.lm_head(hidden[:, -1]).float()
         out: list[list[int]] = [[] for _ in range(batch)]
         active = [True] * batch
@@ -176,9 +178,8 @@ class LlavaMed(nn.Module):
             if not any(active) or step == max_new_tokens - 1:
                 break
             positions = positions[:, -1:] + 1
-            if padded:
-                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            hidden = self.decoder(self.decoder.embed(tokens[:, None]), positions, mask if padded else None, cache)
+            keys = None if mask is None else mask[:, :cache.length + 1]
+            hidden = self.decoder(self.decoder.embed(tokens[:, None]), positions, keys, cache)
             logits = self.decoder.lm_head(hidden[:, -1]).float()
         return out
 
