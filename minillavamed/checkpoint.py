@@ -310,7 +310,7 @@ def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, devic
             if tuple(tensor.shape) != expected:
                 raise CheckpointError(f"{files.where[theirs]}: key {theirs!r} has shape {tuple(tensor.shape)}, "
                                       f"the model expects {expected}")
-            _set_param(model, ours, tensor, device, dtype)
+            _set_param(model, ours, tensor.to(device=device, dtype=dtype))
             wanted.discard(ours)
     if wanted:
         raise CheckpointError(f"no tensor found for {sorted(wanted)[:5]}{'...' if len(wanted) > 5 else ''}")
@@ -325,13 +325,11 @@ def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, devic
         model.decoder.lm_head.weight = model.decoder.embed.weight
 
 
-def _set_param(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
+def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     owner, _, leaf = name.rpartition(".")
     module = model.get_submodule(owner)
     old = getattr(module, leaf)
-    # empty_like keeps the memory order the module chose for the parameter (see decoder.linear).
-    new = torch.empty_like(old, device=device, dtype=dtype).copy_(tensor)
-    setattr(module, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=old.requires_grad))
 
 
 # ------------------------------------------------------------------------------------------------ writing
