@@ -12,7 +12,7 @@ import hf_oracle as hf
 from minillavamed import LlavaMed
 from minillavamed.checkpoint import decoder_config_from_hf, decoder_keys, vision_config_from_hf, vision_keys
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset
-from minillavamed.decoder import Decoder
+from minillavamed.decoder import Decoder, KVCache, rope_cos_sin
 from minillavamed.vit import VisionTower
 
 IMG = IMAGE_TOKEN_INDEX
@@ -141,6 +141,21 @@ def test_cached_decoding_equals_full_recomputation(pair):
             for b in range(2):
                 rows[b].append(int(logits[b, last[b]].argmax()))
     assert cached == [r[len(p):] for r, p in zip(rows, PROMPTS)]
+
+
+def test_kv_cache_rope_tables_and_overflow():
+    cfg = preset("tiny").decoder
+    cache = KVCache(cfg, batch=2, max_len=5, dtype=torch.float32, device="cpu")
+    positions = torch.tensor([[0, 1, 2], [4, 3, 0]])
+    direct = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float32)
+    for table, expected in zip((cache.cos, cache.sin), direct):
+        assert torch.equal(table[positions], expected)  # a decode step's lookup gives the same numbers
+    k = torch.randn(2, 3, cfg.kv_heads, cfg.head_dim)
+    keys, values = cache.update(0, k, 2 * k)
+    assert torch.equal(keys, k) and torch.equal(values, 2 * k)
+    cache.length = 3
+    with pytest.raises(ValueError, match="KV cache holds 5 positions; 6 needed"):
+        cache.update(0, k, k)
 
 
 def test_generation_stops_at_eos_and_stop_strings(pair):
