@@ -52,7 +52,7 @@ TINY_STAGES = {
     # image, and then no gradient reaches the vision tower: 5e-4 keeps the image in play.
     0: dict(epochs=4.0, lr=5e-4, global_batch=32),
     1: dict(epochs=2.0, lr=2e-3, global_batch=32),
-    2: dict(epochs=4.0, lr=3e-4, global_batch=32),
+    2: dict(epochs=10.0, lr=1e-3, global_batch=32),
     3: dict(epochs=3.0, lr=1e-4, global_batch=32),
 }
 for _stage in TINY_STAGES.values():
@@ -85,7 +85,7 @@ class TrainConfig:
     max_len: int = 0
     grad_clip: float = 1.0
     val_size: int = 64  # records held out of --data for the validation loss
-    eval_questions: int = 300  # VQA questions per evaluation (0: all)
+    eval_questions: int = 0  # VQA questions per evaluation (0: all)
     log_interval: int = 10
     eval_interval: int = 0  # 0: only at the end
     ckpt_interval: int = 100

@@ -206,7 +206,8 @@ def draw_gross(facts: dict, rng: np.random.Generator, n: int) -> Image.Image:
     return _finish(img, rng, noise=0.015)
 
 
-BACKGROUNDS = {"white": (245, 245, 245), "gray": (150, 150, 150), "black": (15, 15, 15)}
+# Brown is a coloured surface like most that objects are photographed on, not only a neutral one.
+BACKGROUNDS = {"white": (245, 245, 245), "gray": (150, 150, 150), "black": (15, 15, 15), "brown": (160, 110, 80)}
 SHAPE_COLOURS = {"red": (225, 30, 30), "green": (30, 170, 50), "blue": (40, 80, 230), "yellow": (245, 215, 30)}
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
              "center": (0.5, 0.5)}

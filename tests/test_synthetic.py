@@ -189,6 +189,17 @@ def test_conversations_hold_no_fact_absent_from_the_caption(world):
     assert answers and set(answers) == {"left lower lobe"}
 
 
+def test_conversations_ask_each_fact_once_before_the_description(world):
+    # A fact asked twice, or a description before the questions, would let an answer be read off the context.
+    _, data = world
+    for r in data["instruct"]:
+        questions = [syn.normalize_question(h["value"]) for h in r["conversations"][::2]]
+        asked = [q for q in questions if q not in syn.DESCRIBE_PROMPTS]
+        assert len({syn.topic_of(q) for q in asked}) == len(asked), questions
+        assert questions[: len(asked)] == asked, questions
+        assert "presence" not in [syn.topic_of(q) for q in asked[1:]]
+
+
 def test_text_only_baseline_on_hand_computed_example():
     def rec(q, a, kind=None):
         r = {"id": q, "image": "x.png", "conversations": [{"from": "human", "value": f"<image>\n{q}"},
