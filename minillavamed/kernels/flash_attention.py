@@ -23,7 +23,6 @@ The float64 reference these kernels are tested against lives beside them in refe
 """
 
 import functools
-import math
 
 import torch
 import triton
