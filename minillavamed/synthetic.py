@@ -331,11 +331,12 @@ def general_conversation(f: dict, rng: np.random.Generator) -> list[dict]:
     other = _pick(rng, ("circle", "square", "triangle"))
     # Asked about its own place half the time, so that the yes/no of a place question is balanced.
     where = f["position"] if rng.random() < 0.5 else _pick(rng, [p for p in GENERAL_WHERE if p != f["position"]])
-    by_topic = [[("what shape is shown?", f["shape"]), (f"is there a {other}?", "yes" if other == f["shape"] else "no")],
+    yes_no = lambda truth: "yes" if truth else "no"  # noqa: E731
+    by_topic = [[("what shape is shown?", f["shape"]), (f"is there a {other}?", yes_no(other == f["shape"]))],
                 [("what color is the shape?", f["color"])],
                 [("where is the shape?", f["position"]),
-                 (f"is the shape {GENERAL_WHERE[where]}?", "yes" if where == f["position"] else "no")],
-                [("what is the size of the shape?", f["size"]), ("is the shape large?", "yes" if f["size"] == "large" else "no")],
+                 (f"is the shape {GENERAL_WHERE[where]}?", yes_no(where == f["position"]))],
+                [("what is the size of the shape?", f["size"]), ("is the shape large?", yes_no(f["size"] == "large"))],
                 [("what color is the background?", f["background"])]]
     turns = [_pick(rng, by_topic[i]) for i in rng.permutation(len(by_topic))[:3]]
     turns.append((_pick(rng, DESCRIBE_PROMPTS), caption))
