@@ -235,9 +235,9 @@ QUESTIONS = [
     Question("is the cell density high?", "CLOSED", _when("density", "high"), "density"),
     Question("are there atypical nuclei?", "CLOSED", lambda f: f.get("atypia"), "atypia"),
 ]
-TOPIC = {q.text: q.topic for q in QUESTIONS}
 MODALITY_CHECKS = {"chest_xray": "is this a chest x-ray?", "ct_scan": "is this a ct scan?", "mri": "is this an mri?",
                    "histology": "is this a histology image?", "gross": "is this a gross pathology image?"}
+TOPIC = {q.text: q.topic for q in QUESTIONS} | {q: "modality" for q in MODALITY_CHECKS.values()}
 DESCRIBE_PROMPTS = ["describe the image.", "what are the findings in this image?", "can you describe this figure?"]
 # Stage-1 instructions, in the manner of LLaVA's brief-description list (our wording).
 ALIGNMENT_PROMPTS = ["describe the figure concisely.", "provide a brief description of the given figure.",
@@ -254,9 +254,6 @@ def questions_for(facts: dict, rng: np.random.Generator) -> list[tuple[str, str,
     qa.append((MODALITY_CHECKS[asked], "yes" if asked == domain else "no", "CLOSED"))
     return qa
 
-
-def topic_of(question: str) -> str:
-    return TOPIC.get(question, "modality")  # the modality checks are the only questions not in QUESTIONS
 
 
 def _image_turn(text: str, rng: np.random.Generator) -> str:
@@ -275,7 +272,7 @@ def conversation_from_caption(caption: str, rng: np.random.Generator) -> list[di
     facts = parse_caption(caption)
     by_topic: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for q, a, _ in questions_for(facts, rng):
-        by_topic[topic_of(q)].append((q, a))
+        by_topic[TOPIC[q]].append((q, a))
     others = [t for t in by_topic if t != "presence"]
     topics = [others[i] for i in rng.permutation(len(others))[: int(rng.integers(2, 5))]]
     # A question about the lesion tells that there is one, so the presence question comes first or not at

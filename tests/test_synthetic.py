@@ -195,9 +195,9 @@ def test_conversations_ask_each_fact_once_before_the_description(world):
     for r in data["instruct"]:
         questions = [syn.normalize_question(h["value"]) for h in r["conversations"][::2]]
         asked = [q for q in questions if q not in syn.DESCRIBE_PROMPTS]
-        assert len({syn.topic_of(q) for q in asked}) == len(asked), questions
+        assert len({syn.TOPIC[q] for q in asked}) == len(asked), questions
         assert questions[: len(asked)] == asked, questions
-        assert "presence" not in [syn.topic_of(q) for q in asked[1:]]
+        assert "presence" not in [syn.TOPIC[q] for q in asked[1:]]
 
 
 def test_text_only_baseline_on_hand_computed_example():
