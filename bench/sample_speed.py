@@ -2,7 +2,8 @@
 
 Both run the same weights (the tiny preset, random, exported to the llava-hf layout), the same prompt (an
 image plus a question) and greedy decoding of a fixed number of tokens. Printed side by side: time to
-first token (prefill + one step) and decode tokens/s after it, with our ratio over transformers.
+first token (prefill + one step) and decode tokens/s after it, each the median over repeats, and our speedup
+over transformers: the median of the repeats' ratios, the two sides of each repeat run back to back.
 
     python bench/sample_speed.py                      # tiny preset, batch 1 and 8, 128 new tokens
     python bench/sample_speed.py --preset tiny --batch 1 --new_tokens 256 --repeats 5
@@ -72,7 +73,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt_tokens", type=int, default=40, help="text tokens besides the image")
     p.add_argument("--new_tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,7 +86,7 @@ def main() -> None:
     image_id, patches = cfg.decoder.vocab_size, cfg.vision.num_patches
     print(f"preset {args.preset}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params, "
           f"{patches} image tokens + {args.prompt_tokens} text tokens, {args.new_tokens} new tokens, "
-          f"{args.threads} threads, median of {args.repeats}")
+          f"{args.threads} threads, median of {args.repeats} interleaved repeats")
     print(f"{'batch':>5} | {'TTFT ms ours':>12} {'transformers':>12} {'ratio':>6} | "
           f"{'decode tok/s ours':>17} {'transformers':>12} {'ratio':>6}")
     for batch in args.batch:
@@ -93,17 +94,24 @@ def main() -> None:
         ids = torch.cat([text[:, :4], torch.full((batch, 1), IMAGE_TOKEN_INDEX), text[:, 4:]], dim=1)
         hf_ids = torch.cat([text[:, :4], torch.full((batch, patches), image_id), text[:, 4:]], dim=1)
         pixels = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size)
-        results = {}
-        for name, fn, model, x in (("ours", run_ours, ours, ids), ("hf", run_hf, theirs, hf_ids)):
+        runners = {"ours": (run_ours, ours, ids), "hf": (run_hf, theirs, hf_ids)}
+        for fn, model, x in runners.values():
             fn(model, x, pixels, 4)  # warm-up
-            runs = [fn(model, x, pixels, args.new_tokens) for _ in range(args.repeats)]
-            ttft = statistics.median(r[0] for r in runs)
-            decode = statistics.median(batch * (args.new_tokens - 1) / r[1] for r in runs)
-            results[name] = (ttft, decode)
-        (t_o, d_o), (t_h, d_h) = results["ours"], results["hf"]
-        print(f"{batch:>5} | {t_o * 1e3:>12.1f} {t_h * 1e3:>12.1f} {t_h / t_o:>5.2f}x | "
-              f"{d_o:>17.1f} {d_h:>12.1f} {d_o / d_h:>5.2f}x")
-
+        runs = {name: [] for name in runners}
+        for r in range(args.repeats):
+            # Interleaved, in alternating order: this host's speed drifts by tens of percent over seconds, and
+            # a drift then slows both sides of a ratio alike.
+            for name in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
+                fn, model, x = runners[name]
+                runs[name].append(fn(model, x, pixels, args.new_tokens))
+        ttft = {name: [t for t, _ in rs] for name, rs in runs.items()}
+        decode = {name: [batch * (args.new_tokens - 1) / d for _, d in rs] for name, rs in runs.items()}
+        ttft_ratio = statistics.median(h / o for o, h in zip(ttft["ours"], ttft["hf"]))
+        decode_ratio = statistics.median(o / h for o, h in zip(decode["ours"], decode["hf"]))
+        t_o, t_h = (statistics.median(ttft[n]) for n in ("ours", "hf"))
+        d_o, d_h = (statistics.median(decode[n]) for n in ("ours", "hf"))
+        print(f"{batch:>5} | {t_o * 1e3:>12.1f} {t_h * 1e3:>12.1f} {ttft_ratio:>5.2f}x | "
+              f"{d_o:>17.1f} {d_h:>12.1f} {decode_ratio:>5.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -95,7 +96,19 @@ def _first_prefix(files: WeightFiles, probe: str, candidates: list[str]) -> str 
 
 
 # --------------------------------------------------------------------------------------------- key maps
-# Each map lists (our key, their key) pairs for one part, given their prefix.
+# Each map lists (our key, their key) pairs for one part, given their prefix. Where we keep several of their
+# tensors as one (the decoder's fused query/key/value and gate/up projections), their side is a Joined.
+class Joined(NamedTuple):
+    """Their tensors `keys`, stacked in this order along dim 0 (`rows` each) into one of ours."""
+
+    keys: tuple[str, ...]
+    rows: tuple[int, ...]
+
+
+def their_keys(theirs: str | Joined) -> tuple[str, ...]:
+    return theirs.keys if isinstance(theirs, Joined) else (theirs,)
+
+
 def vision_keys(cfg: VisionConfig, pre: str) -> list[tuple[str, str]]:
     pairs = [("patch_embed.weight", "embeddings.patch_embedding.weight"),
              ("cls_token", "embeddings.class_embedding"),
@@ -111,15 +124,24 @@ def vision_keys(cfg: VisionConfig, pre: str) -> list[tuple[str, str]]:
     return [("vision." + o, pre + t) for o, t in pairs]
 
 
-def decoder_keys(cfg: DecoderConfig, pre: str, head: str) -> list[tuple[str, str]]:
-    pairs = [("embed.weight", pre + "embed_tokens.weight"), ("norm.weight", pre + "norm.weight")]
+def decoder_keys(cfg: DecoderConfig, pre: str, head: str) -> list[tuple[str, str | Joined]]:
+    pairs: list[tuple[str, str | Joined]] = [("embed.weight", pre + "embed_tokens.weight"),
+                                             ("norm.weight", pre + "norm.weight")]
     if not cfg.tie_embeddings:
         pairs.append(("lm_head.weight", head))
-    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-             "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
-             "attn.wo": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-    pairs += [(f"blocks.{i}.{o}.weight", f"{pre}layers.{i}.{t}.weight")
-              for i in range(cfg.layers) for o, t in names.items()]
+    q, kv = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    for i in range(cfg.layers):
+        layer = f"{pre}layers.{i}."
+        pairs += [
+            (f"blocks.{i}.attn_norm.weight", layer + "input_layernorm.weight"),
+            (f"blocks.{i}.attn.wqkv.weight",
+             Joined(tuple(f"{layer}self_attn.{n}_proj.weight" for n in "qkv"), (q, kv, kv))),
+            (f"blocks.{i}.attn.wo.weight", layer + "self_attn.o_proj.weight"),
+            (f"blocks.{i}.mlp_norm.weight", layer + "post_attention_layernorm.weight"),
+            (f"blocks.{i}.gate_up.weight",
+             Joined((layer + "mlp.gate_proj.weight", layer + "mlp.up_proj.weight"), (cfg.mlp_dim, cfg.mlp_dim))),
+            (f"blocks.{i}.down.weight", layer + "mlp.down_proj.weight"),
+        ]
     return [("decoder." + o, t) for o, t in pairs]
 
 
@@ -298,19 +320,24 @@ def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, devic
     if model.cfg.decoder.tie_embeddings:
         wanted.discard("decoder.lm_head.weight")
     for files, pairs, unused in sources:
-        mapped = {theirs for _, theirs in pairs}
+        mapped = {key for _, theirs in pairs for key in their_keys(theirs)}
         for key in files.keys():
             if key not in mapped and not key.endswith(IGNORABLE) and not key.startswith(unused):
                 raise CheckpointError(f"{files.where[key]}: unexpected key {key!r}")
         for ours, theirs in pairs:
-            if theirs not in files.where:
-                raise CheckpointError(f"{files.dir}: missing key {theirs!r} (for {ours})")
-            tensor = files.get(theirs)
-            expected = tuple(params[ours].shape)
-            if tuple(tensor.shape) != expected:
-                raise CheckpointError(f"{files.where[theirs]}: key {theirs!r} has shape {tuple(tensor.shape)}, "
-                                      f"the model expects {expected}")
-            _set_param(model, ours, tensor.to(device=device, dtype=dtype))
+            shape = tuple(params[ours].shape)
+            parts = (zip(theirs.keys, ((rows, *shape[1:]) for rows in theirs.rows)) if isinstance(theirs, Joined)
+                     else [(theirs, shape)])
+            tensors = []
+            for key, expected in parts:
+                if key not in files.where:
+                    raise CheckpointError(f"{files.dir}: missing key {key!r} (for {ours})")
+                tensor = files.get(key)
+                if tuple(tensor.shape) != expected:
+                    raise CheckpointError(f"{files.where[key]}: key {key!r} has shape {tuple(tensor.shape)}, "
+                                          f"the model expects {expected}")
+                tensors.append(tensor.to(device=device, dtype=dtype))
+            _set_param(model, ours, tensors[0] if len(tensors) == 1 else torch.cat(tensors))
             wanted.discard(ours)
     if wanted:
         raise CheckpointError(f"no tensor found for {sorted(wanted)[:5]}{'...' if len(wanted) > 5 else ''}")
@@ -385,10 +412,15 @@ def export_llava_hf(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
-    ours_to_theirs = dict(vision_keys(cfg.vision, "vision_tower.vision_model.")
-                          + decoder_keys(cfg.decoder, "language_model.model.", "language_model.lm_head.weight")
-                          + projector_keys(cfg.projector, "multi_modal_projector.", "hf"))
-    tensors = {ours_to_theirs[k]: v for k, v in state.items() if k in ours_to_theirs}
+    pairs = (vision_keys(cfg.vision, "vision_tower.vision_model.")
+             + decoder_keys(cfg.decoder, "language_model.model.", "language_model.lm_head.weight")
+             + projector_keys(cfg.projector, "multi_modal_projector.", "hf"))
+    tensors = {}
+    for ours, theirs in pairs:
+        if isinstance(theirs, Joined):
+            tensors.update(zip(theirs.keys, state[ours].split(list(theirs.rows))))
+        elif ours in state:
+            tensors[theirs] = state[ours]
     image_id = cfg.decoder.vocab_size
     for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
         if key in tensors:

@@ -24,6 +24,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one call: a decode step runs nine of these per token (tiny preset)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalize in fp32 even under bf16: the mean of squares loses too much precision otherwise. The
         # weight multiplies after the cast back, as in the released models' code.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
@@ -74,18 +76,19 @@ class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        # Queries, keys and values in one product (rows in that order; the checkpoint key maps split and join
+        # them): decoding a small model one token at a time is bound by the number of calls, not by flops.
+        self.wqkv = nn.Linear(cfg.dim, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen, backend):
         b, t, _ = x.shape
-        # F.linear on the weights rather than calling the modules: decoding a small model one token at a time is
-        # bound by per-call overhead, and a module call adds about a third to each product (tiny preset, CPU).
-        q = apply_rope(F.linear(x, self.wq.weight).view(b, t, self.heads, self.head_dim), cos, sin)
-        k = apply_rope(F.linear(x, self.wk.weight).view(b, t, self.kv_heads, self.head_dim), cos, sin)
-        v = F.linear(x, self.wv.weight).view(b, t, self.kv_heads, self.head_dim)
+        h, kvh = self.heads, self.kv_heads
+        # F.linear on the weights rather than calling the modules: a module call adds about a third to each
+        # product when decoding the tiny preset on a CPU.
+        qkv = F.linear(x, self.wqkv.weight).view(b, t, h + 2 * kvh, self.head_dim)
+        qk = apply_rope(qkv[:, :, :h + kvh], cos, sin)  # queries and keys rotate together
+        q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kvh:]
         if cu_seqlens is not None:  # packed training rows: batch is 1, segments never see each other
             out = attention_varlen(q[0], k[0], v[0], cu_seqlens, max_seqlen, causal=True, backend=backend)[None]
         else:
@@ -101,15 +104,13 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.gate = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
-        self.up = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
+        self.gate_up = nn.Linear(cfg.dim, 2 * cfg.mlp_dim, bias=False)  # gate rows, then up rows: one product
         self.down = nn.Linear(cfg.mlp_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen, backend):
         x = x + self.attn(self.attn_norm(x), cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen,
                           backend)
-        h = self.mlp_norm(x)
-        gate, up = F.linear(h, self.gate.weight), F.linear(h, self.up.weight)  # F.linear: see Attention
+        gate, up = F.linear(self.mlp_norm(x), self.gate_up.weight).chunk(2, dim=-1)  # F.linear: see Attention
         return x + F.linear(F.silu(gate) * up, self.down.weight)  # SwiGLU
 
 

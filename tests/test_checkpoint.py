@@ -157,9 +157,9 @@ def own(tmp_path):
 
 def test_missing_key_is_named(own):
     state = load_file(own / "model.safetensors")
-    del state["decoder.blocks.1.up.weight"]
+    del state["decoder.blocks.1.gate_up.weight"]
     save_file(state, str(own / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"missing key 'decoder\.blocks\.1\.up\.weight'") as e:
+    with pytest.raises(CheckpointError, match=r"missing key 'decoder\.blocks\.1\.gate_up\.weight'") as e:
         LlavaMed.from_pretrained(own)
     assert str(own) in str(e.value)
 
@@ -178,6 +178,24 @@ def test_wrong_shape_is_named(own):
     save_file(state, str(own / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: key 'projector\.linears\.1\.bias' has shape \(3,\)"):
         LlavaMed.from_pretrained(own)
+
+
+def test_a_bad_part_of_a_fused_projection_is_named(ref, tmp_path):
+    # We keep q/k/v (and gate/up) as one tensor; the error must still name the released key at fault.
+    ref.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    key = next(k for k in state if k.endswith("model.layers.0.self_attn.k_proj.weight"))
+    good, state[key] = state[key], state[key][:-1]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: key '{key}' has shape \(31, 64\), the model "
+                                              r"expects \(32, 64\)"):
+        LlavaMed.from_pretrained(tmp_path)
+    state[key] = good
+    del state[next(k for k in state if k.endswith("model.layers.1.mlp.up_proj.weight"))]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing key '.*layers\.1\.mlp\.up_proj\.weight' \(for "
+                                              r"decoder\.blocks\.1\.gate_up\.weight\)"):
+        LlavaMed.from_pretrained(tmp_path)
 
 
 def test_truncated_file_is_named(own):

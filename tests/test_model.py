@@ -10,7 +10,7 @@ import torch
 
 import hf_oracle as hf
 from minillavamed import LlavaMed
-from minillavamed.checkpoint import decoder_config_from_hf, decoder_keys, vision_config_from_hf, vision_keys
+from minillavamed.checkpoint import decoder_config_from_hf, decoder_keys, their_keys, vision_config_from_hf, vision_keys
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset
 from minillavamed.decoder import Decoder, KVCache, rope_cos_sin
 from minillavamed.vit import VisionTower
@@ -25,7 +25,7 @@ def assert_close_scaled(ours, ref, rel=1e-5):
 
 
 def load_part(module, pairs, hf_state, strip):
-    state = {ours[len(strip):]: hf_state[theirs] for ours, theirs in pairs}
+    state = {ours[len(strip):]: torch.cat([hf_state[k] for k in their_keys(theirs)]) for ours, theirs in pairs}
     module.load_state_dict(state, strict=True)
     return module.eval()
 

@@ -172,7 +172,7 @@ def test_fsdp_checkpoint_loads_in_one_process(world, base, tmp_path):
                      "1"), ROOT)
     model = LlavaMed.from_pretrained(out)
     single = LlavaMed.from_pretrained(base)
-    assert not torch.equal(model.decoder.blocks[0].up.weight, single.decoder.blocks[0].up.weight)
+    assert not torch.equal(model.decoder.blocks[0].gate_up.weight, single.decoder.blocks[0].gate_up.weight)
     assert torch.equal(model.vision.blocks[0].fc1.weight, single.vision.blocks[0].fc1.weight)
     assert len(losses(out)) == 2
     assert 0 <= json.loads((out / "eval.json").read_text())["closed_accuracy"] <= 1  # generation on shards
