@@ -109,19 +109,21 @@ def their_keys(theirs: str | Joined) -> tuple[str, ...]:
     return theirs.keys if isinstance(theirs, Joined) else (theirs,)
 
 
-def vision_keys(cfg: VisionConfig, pre: str) -> list[tuple[str, str]]:
-    pairs = [("patch_embed.weight", "embeddings.patch_embedding.weight"),
-             ("cls_token", "embeddings.class_embedding"),
-             ("pos_embed", "embeddings.position_embedding.weight")]
+def vision_keys(cfg: VisionConfig, pre: str) -> list[tuple[str, str | Joined]]:
+    pairs: list[tuple[str, str | Joined]] = [("patch_embed.weight", pre + "embeddings.patch_embedding.weight"),
+                                             ("cls_token", pre + "embeddings.class_embedding"),
+                                             ("pos_embed", pre + "embeddings.position_embedding.weight")]
     for ours, theirs in (("pre_norm", "pre_layrnorm"), ("post_norm", "post_layernorm")):
-        pairs += [(f"{ours}.{p}", f"{theirs}.{p}") for p in ("weight", "bias")]
+        pairs += [(f"{ours}.{p}", f"{pre}{theirs}.{p}") for p in ("weight", "bias")]
+    names = {"norm1": "layer_norm1", "norm2": "layer_norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
+             "attn.wo": "self_attn.out_proj"}
     for i in range(cfg.layers):
-        names = {"norm1": "layer_norm1", "norm2": "layer_norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
-                 "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
-                 "attn.wo": "self_attn.out_proj"}
-        pairs += [(f"blocks.{i}.{o}.{p}", f"encoder.layers.{i}.{t}.{p}")
-                  for o, t in names.items() for p in ("weight", "bias")]
-    return [("vision." + o, pre + t) for o, t in pairs]
+        layer = f"{pre}encoder.layers.{i}."
+        for p in ("weight", "bias"):
+            pairs += [(f"blocks.{i}.{o}.{p}", f"{layer}{t}.{p}") for o, t in names.items()]
+            pairs.append((f"blocks.{i}.attn.wqkv.{p}",
+                          Joined(tuple(f"{layer}self_attn.{n}_proj.{p}" for n in "qkv"), (cfg.width,) * 3)))
+    return [("vision." + o, t) for o, t in pairs]
 
 
 def decoder_keys(cfg: DecoderConfig, pre: str, head: str) -> list[tuple[str, str | Joined]]:
