@@ -62,6 +62,18 @@ def _sdpa(q, k, v, mask, is_causal, scale):
     return out.transpose(1, 2)
 
 
+def _sdpa_decode(q, k, v, key_padding_mask, scale):
+    """One new query per row (a decode step): the query heads that share a key/value head are handed to SDPA
+    as that head's queries, so it runs plain multi-head attention; on a CPU that is about a third faster than
+    its grouped-query path. The newest key is always a real token, so no row is ever fully masked."""
+    b, _, heads, d = q.shape
+    kv_heads = k.shape[2]
+    mask = None if key_padding_mask is None else key_padding_mask.bool()[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.view(b, kv_heads, heads // kv_heads, d), k.transpose(1, 2),
+                                         v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.view(b, 1, heads, d)
+
+
 _fallback_warned: set[str] = set()
 
 
@@ -99,12 +111,12 @@ def attention(
     causal = causal and tq > 1  # a single newest query sees every key anyway
     if backend == "naive":
         return _naive(q, k, v, _allowed(tq, tk, causal, key_padding_mask, q.device), scale)
+    if tq == 1 and backend in ("sdpa", "triton"):  # a decode step is memory-bound: nothing for a kernel to fuse
+        return _sdpa_decode(q, k, v, key_padding_mask, scale)
     if backend == "triton":
         reason = _triton_or_reason(q)
         if reason is None and key_padding_mask is not None and not bool(key_padding_mask.all()):
             reason = "padding masks are not handled by the kernels"
-        if reason is None and tq == 1:
-            return _sdpa(q, k, v, None, False, scale)  # a decode step is memory-bound: nothing to fuse
         if reason is None:
             from minillavamed.kernels import flash_attn_func
 
