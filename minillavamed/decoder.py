@@ -81,7 +81,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen, backend):
+    def forward(self, x, cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen, backend, last_only):
         b, t, _ = x.shape
         h, kvh = self.heads, self.kv_heads
         # F.linear on the weights rather than calling the modules: a module call adds about a third to each
@@ -94,6 +94,8 @@ class Attention(nn.Module):
         else:
             if cache is not None:
                 k, v = cache.update(layer, k, v)
+            if last_only:  # every key and value is cached above; only the newest query goes on
+                q, t = q[:, -1:], 1
             out = attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, backend=backend)
         return F.linear(out.reshape(b, t, -1), self.wo.weight)
 
@@ -107,9 +109,10 @@ class Block(nn.Module):
         self.gate_up = nn.Linear(cfg.dim, 2 * cfg.mlp_dim, bias=False)  # gate rows, then up rows: one product
         self.down = nn.Linear(cfg.mlp_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen, backend):
-        x = x + self.attn(self.attn_norm(x), cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen,
-                          backend)
+    def forward(self, x, cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen, backend, last_only):
+        h = self.attn(self.attn_norm(x), cos, sin, layer, key_padding_mask, cache, cu_seqlens, max_seqlen, backend,
+                      last_only)
+        x = (x[:, -1:] if last_only else x) + h
         gate, up = F.linear(self.mlp_norm(x), self.gate_up.weight).chunk(2, dim=-1)  # F.linear: see Attention
         return x + F.linear(F.silu(gate) * up, self.down.weight)  # SwiGLU
 
@@ -136,19 +139,25 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Embeddings (batch, seqlen, dim) at `positions` (batch, seqlen) -> final normalized hidden states.
 
         `key_padding_mask` (batch, cached + seqlen) marks real tokens; `cu_seqlens` marks the boundaries of
-        samples packed into one row (batch must be 1 then).
+        samples packed into one row (batch must be 1 then). `last_only` returns the last position alone
+        (batch, 1, dim), all generation needs: the last block then computes the other positions' keys and
+        values for the cache and nothing more (a fifth of a prefill for the tiny preset's four blocks).
         """
+        if last_only and cu_seqlens is not None:
+            raise ValueError("last_only is for generation; packed rows (cu_seqlens) hold several last positions")
         if cache is None:
             cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
         else:
             cos, sin = cache.cos[positions], cache.sin[positions]
         x = embeds
         for i, block in enumerate(self.blocks):
-            args = (cos, sin, i, key_padding_mask, cache, cu_seqlens, max_seqlen, self.backend)
+            last = last_only and i == len(self.blocks) - 1
+            args = (cos, sin, i, key_padding_mask, cache, cu_seqlens, max_seqlen, self.backend, last)
             if self.checkpointing and self.training:
                 x = checkpoint(block, x, *args, use_reentrant=False)
             else:

@@ -157,7 +157,7 @@ class LlavaMed(nn.Module):
         # Padded rows need a key mask; it is allocated once with room for the new (real) tokens, so that each
         # step passes a longer view of it.
         mask = torch.cat([mask, mask.new_ones(batch, max_new_tokens)], dim=1) if not bool(mask.all()) else None
-        hidden = self.decoder(embeds, positions, None if mask is None else mask[:, :length], cache)
+        hidden = self.decoder(embeds, positions, None if mask is None else mask[:, :length], cache, last_only=True)
         logits = self.decoder.lm_head(hidden[:, -1]).float()
         out: list[list[int]] = [[] for _ in range(batch)]
         active = [True] * batch

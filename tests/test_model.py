@@ -143,6 +143,24 @@ def test_cached_decoding_equals_full_recomputation(pair):
     assert cached == [r[len(p):] for r, p in zip(rows, PROMPTS)]
 
 
+def test_last_only_prefill_fills_the_same_cache(pair):
+    # Generation's prefill skips the last block's work beyond the last position, but not its keys and values.
+    decoder = pair[1].decoder
+    embeds = torch.randn(2, 9, decoder.cfg.dim)
+    mask = torch.arange(9)[None, :] >= torch.tensor([[0], [3]])  # the second row is left-padded
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    caches = [KVCache(decoder.cfg, 2, 9, torch.float32, "cpu") for _ in range(2)]
+    with torch.no_grad():
+        full = decoder(embeds, positions, mask, caches[0])
+        last = decoder(embeds, positions, mask, caches[1], last_only=True)
+    assert last.shape == (2, 1, decoder.cfg.dim)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="last_only is for generation"):
+        decoder(embeds[:1], positions[:1], cu_seqlens=torch.tensor([0, 4, 9]), max_seqlen=5, last_only=True)
+
+
 def test_kv_cache_rope_tables_and_overflow():
     cfg = preset("tiny").decoder
     cache = KVCache(cfg, batch=2, max_len=5, dtype=torch.float32, device="cpu")
