@@ -71,13 +71,15 @@ class VisionTower(nn.Module):
     def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
         """(batch, 3, H, W) -> (batch, num_patches, width): CLIP's patch convolution, row-major patch order.
 
-        A convolution whose stride equals its kernel is one product over the flattened non-overlapping patches;
-        done that way it is two to four times faster than the convolution on a CPU (one image, tiny or ViT-L).
+        A convolution whose stride equals its kernel is one product over the flattened non-overlapping patches.
+        On a CPU that product is faster than oneDNN's convolution: twice as fast for one 64-pixel image, 15-30%
+        for a batch of them or for one 336-pixel image at ViT-L's width.
         """
         b, c, height, width = pixels.shape
         p = self.cfg.patch_size
         patches = pixels.view(b, c, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
-        return F.linear(patches.reshape(b, (height // p) * (width // p), c * p * p), self.patch_embed.weight.flatten(1))
+        patches = patches.reshape(b, (height // p) * (width // p), c * p * p)
+        return F.linear(patches, self.patch_embed.weight.flatten(1))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(batch, 3, H, W) pixels -> (batch, num_patches, width) features of the selected layer."""
