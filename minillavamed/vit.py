@@ -50,6 +50,7 @@ class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
+        # A Conv2d for CLIP's weight shape and init; embed_patches applies it as one product (see there).
         self.patch_embed = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.cls_token = nn.Parameter(torch.zeros(cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(cfg.num_patches + 1, cfg.width))
