@@ -10,7 +10,9 @@ measure each round by tokenizing it on its own; we keep them literally, quirks i
 is what the released weights were trained on:
   - `vicuna_v1` / `mistral_instruct`: the round lengths must add up to the whole conversation's length,
     otherwise LLaVA masks the whole sample ("tokenization mismatch") and so do we (the dataset then drops
-    it and counts it).
+    it and counts it). Deviation: we drop it even when it is longer than max_len; LLaVA skips the check
+    past model_max_length and trains the earlier rounds of such a sample, whose mask may already be off,
+    so we do not.
   - `llava_med_v1` (`###`): each message is measured as "### Role: text\n" tokenized alone, BOS
     included, so the mask drifts at least one token per message. With LLaMA's vocabulary it trains the
     assistant messages with their "### Assistant:" header plus the first tokens of the next human
@@ -90,6 +92,8 @@ def _messages(conversations: Sequence[dict], with_image: bool, im_start_end: boo
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise ValueError(f"turn {k} is not a {{'from', 'value'}} dict: {turn!r}")
         speaker, value = turn["from"], turn["value"]
+        # v1.0's train.py compares the speaker lower-cased ("Human", "GPT" are read too).
+        speaker = speaker.lower() if isinstance(speaker, str) else speaker
         if speaker not in ("human", "gpt"):
             raise ValueError(f"turn {k}: unknown speaker {speaker!r} (expected 'human' or 'gpt')")
         if not isinstance(value, str):

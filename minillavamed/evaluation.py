@@ -11,13 +11,19 @@ Our default rules are word-level: a closed yes/no answer is correct when the fir
 is the ground truth; other closed answers when the ground-truth words appear contiguously in the prediction;
 open recall = clipped word overlap / ground-truth words. `substring_compat=True` reproduces the reference's two
 published numbers exactly (its substring hit and its recall formula) for comparison with the paper's tables.
+That closed rule is run_eval_batch.py's. v1.0's run_eval.py and the PathVQA scripts also need "yes" or "no"
+somewhere in the prediction for any closed hit, so a closed question with another answer never scores there
+(perfect answers get 93.38%, 254 of 272, on VQA-RAD's test split); we do not reproduce that rule, it scores
+the answer's form rather than its content.
 Exact match (normalised strings equal) and token F1 (SQuAD-style, clipped counts) are ours; the reference's
 "exact match score" is a different quantity and is not reproduced.
 
 Judge. A text-only model answers each question from the figure caption and context (the reference answer,
 unless the question file carries one in "gpt4_answer"); the judge rates both answers 1-10 for helpfulness,
-relevance, accuracy and level of detail; relative score = mean over questions of model / reference x 100 (the
-reference's summarize_gpt_review.py averages per-question ratios), by question type, by domain and overall.
+relevance, accuracy and level of detail (0-10: a 0 counts, leaving it out would raise the model's mean); relative
+score = mean over questions of model / reference x 100, as LLaVA-Med's scripts average per-question ratios, and
+beside it the ratio of the mean scores that LLaVA's summarize_gpt_review.py reports; by question type, by
+domain (the first true one in LLaVA-Med's get_domain order) and overall. Its record shapes are qa50's.
 
 python -m minillavamed.evaluation vqa --gt GT.json --answers ANSWERS.jsonl [--out SCORES.json]
 python -m minillavamed.evaluation judge --questions Q.jsonl --answers ANSWERS.jsonl --model NAME [--base_url URL]

@@ -237,6 +237,9 @@ def test_bad_conversations_raise():
         render(t, [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}])
     with pytest.raises(ValueError, match="value"):
         render(t, [{"from": "human"}])
+    # v1.0's train.py lower-cases the speaker.
+    assert render(t, [{"from": "Human", "value": "a"}, {"from": "GPT", "value": "b"}]) == render(
+        t, [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}])
     with pytest.raises(ValueError, match="plain"):
         render(get_template("plain"), CONV)
 
