@@ -72,6 +72,19 @@ class Tokenizer:
         self._compile()
         return len(new)
 
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """tokenizer.model, plus what `Tokenizer(directory)` reads back: added_tokens.json for added tokens and
+        tokenizer_config.json for the non-legacy mode (only when there is something to say)."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+            f.write(self.sp.serialized_model_proto())
+        if self.added:
+            with open(os.path.join(directory, "added_tokens.json"), "w", encoding="utf-8") as f:
+                json.dump(self.added, f, indent=1)
+        if not self.legacy:
+            with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+                json.dump({"legacy": False}, f)
+
     @property
     def bos_id(self) -> int:
         return self.sp.bos_id()

@@ -1,5 +1,6 @@
 """Tokenizer ids against transformers' slow SentencePiece tokenizer (the oracle LLaVA's ids came from)."""
 
+import os
 import random
 
 import pytest
@@ -176,3 +177,16 @@ def test_added_tokens_split_and_strip_as_transformers_4_28(tok, legacy):
         assert ours.encode(text, bos=True) == oracle(text).input_ids, repr(text)
     # Added tokens are not text; the space after one is gone in non-legacy mode (it was stripped).
     assert ours.decode(ours.encode("lobe <im_patch> lobe")) == ("lobe lobe" if legacy else "lobelobe")
+
+
+def test_save_pretrained_round_trips_mode_and_added_tokens(tok, tmp_path):
+    t = Tokenizer(tok.path, legacy=False)
+    t.add_tokens(["<im_patch>", "<im_start>", "<im_end>"])
+    t.save_pretrained(tmp_path / "out")
+    back = Tokenizer(tmp_path / "out")
+    assert not back.legacy and back.added == t.added
+    text = "x</s> <im_start><im_patch><im_end>\nWhat?"
+    assert back.encode(text, bos=True) == t.encode(text, bos=True)
+    Tokenizer(tok.path).save_pretrained(tmp_path / "plain")
+    assert sorted(os.listdir(tmp_path / "plain")) == ["tokenizer.model"]
+    assert open(tmp_path / "plain" / "tokenizer.model", "rb").read() == open(tok.path, "rb").read()
