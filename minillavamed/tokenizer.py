@@ -49,7 +49,8 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{model_file!r} is not a SentencePiece model: {e}") from e
         config, self.added = read_tokenizer_files(os.path.dirname(model_file), self.sp.get_piece_size())
-        self.legacy = bool(config.get("legacy", True) in (True, None)) if legacy is None else legacy
+        # transformers treats a missing or null "legacy" as legacy (with a warning).
+        self.legacy = config.get("legacy") is not False if legacy is None else legacy
         # Non-legacy mode encodes with the dummy prefix off (transformers edits the model the same way).
         self.sp_plain = spm.SentencePieceProcessor()
         self.sp_plain.LoadFromSerializedProto(_without_dummy_prefix(self.sp.serialized_model_proto()))
@@ -66,9 +67,9 @@ class Tokenizer:
     def add_tokens(self, tokens: Iterable[str]) -> int:
         """Add tokens after the vocabulary (ids counted on from the last one), as transformers' add_tokens;
         returns how many were new."""
-        new = [t for t in tokens if t not in self.added and t not in self.special_ids]
+        new = [t for t in dict.fromkeys(tokens) if t not in self.added and t not in self.special_ids]
         for t in new:
-            self.added[t] = self.sp.get_piece_size() + len(self.added)
+            self.added[t] = max([self.sp.get_piece_size() - 1, *self.added.values()]) + 1
         self._compile()
         return len(new)
 

@@ -240,7 +240,8 @@ def write_v1_layout(root, tok_texts=None):
     llama = hf.llama(seed=7, vocab_size=base + 4)
     proj = torch.nn.Linear(32, 64)
     torch.nn.init.normal_(proj.weight, std=0.2)
-    state = {**llama.state_dict(), "model.mm_projector.weight": proj.weight.data, "model.mm_projector.bias": proj.bias.data}
+    state = {**llama.state_dict(), "model.mm_projector.weight": proj.weight.data,
+             "model.mm_projector.bias": proj.bias.data}
     save({k: v.contiguous() for k, v in state.items()}, str(v1_dir / "model.safetensors"))
     config = {**llama.config.to_dict(), "model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"],
               "mm_vision_tower": str(clip_dir), "mm_vision_select_layer": -2, "mm_hidden_size": 32,
