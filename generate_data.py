@@ -26,8 +26,15 @@ def load_records(path: str) -> list[dict]:
     """PMC-15M style records from a JSON array or JSONL; errors name the file and the record."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    if text.lstrip().startswith("["):
-        numbered = [(f"record {i}", rec) for i, rec in enumerate(json.loads(text))]
+    whole = None
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            pass  # JSONL
+    if isinstance(whole, list) or (isinstance(whole, dict) and all(isinstance(v, list) for v in whole.values())):
+        # A JSON array, or LLaVA-Med's {domain: [records]} (instruct.pmc_records flattens it).
+        numbered = [(f"record {i}", rec) for i, rec in enumerate(instruct.pmc_records(whole))]
     else:
         numbered = []
         for i, line in enumerate(text.splitlines(), 1):
@@ -36,6 +43,7 @@ def load_records(path: str) -> list[dict]:
                     numbered.append((f"line {i}", json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise SystemExit(f"{path}: line {i}: not valid JSON ({e.msg})")
+        numbered = list(zip([w for w, _ in numbered], instruct.pmc_records([r for _, r in numbered])))
     seen, out = set(), []
     for where, rec in numbered:
         if not isinstance(rec, dict):

@@ -264,10 +264,17 @@ def load_model(path, vision_tower=None, dtype=None, device=None, projector: str 
         if vc is None:
             raise CheckpointError(f"{path}: no vision tower: pass vision_tower=DIR (a CLIP checkpoint, "
                                   f"config names {meta.get('mm_vision_tower')!r})")
+        # LLaVA-Med v1 (and LLaVA v0) set mm_use_im_start_end and trained on the ### template; their configs
+        # name no image_aspect_ratio, and the reference's loaders then resize and crop.
+        im_start_end = bool(meta.get("mm_use_im_start_end", False))
         cfg = LlavaConfig(vision=vision_config_from_hf(vc, layer, feature),
                           projector=ProjectorConfig(meta.get("mm_projector_type", "linear")),
                           decoder=decoder_config_from_hf(meta, path / "config.json"),
-                          conv_template=_conv_for(kind or ""), image_aspect_ratio=meta.get("image_aspect_ratio", "pad"))
+                          conv_template="llava_med_v1" if im_start_end else _conv_for(kind or ""),
+                          image_aspect_ratio=meta.get("image_aspect_ratio") or "crop",
+                          mm_use_im_start_end=im_start_end)
+        if im_start_end:
+            _check_image_markers(path, cfg)
         llm = decoder_keys(cfg.decoder, "model.", "lm_head.weight") + projector_keys(
             cfg.projector, "model.mm_projector.", "llava")
         if embedded and vision_tower is None:
@@ -296,6 +303,51 @@ def load_model(path, vision_tower=None, dtype=None, device=None, projector: str 
         model = LlavaMed(cfg)
     _fill(model, sources, fresh, dtype or torch.float32, torch.device(device or "cpu"))
     return model
+
+
+def _check_image_markers(path: Path, cfg: LlavaConfig) -> None:
+    """A v1 checkpoint's tokenizer must hold <im_start>, <im_patch>, <im_end> with embedding rows."""
+    from minillavamed.conversation import IM_END, IM_PATCH, IM_START
+    from minillavamed.tokenizer import Tokenizer
+
+    if not (path / "tokenizer.model").exists():
+        return  # the tokenizer comes from elsewhere; tokenize_prompt checks it then
+    added = Tokenizer(path).added
+    for token in (IM_START, IM_PATCH, IM_END):
+        if token not in added:
+            raise CheckpointError(f"{path}: config.json sets mm_use_im_start_end but the tokenizer files there "
+                                  f"(added_tokens.json / tokenizer_config.json) define no {token}; copy the "
+                                  f"released v1 tokenizer files beside tokenizer.model")
+        if added[token] >= cfg.decoder.vocab_size:
+            raise CheckpointError(f"{path}: {token} has id {added[token]} but the embeddings have only "
+                                  f"{cfg.decoder.vocab_size} rows")
+
+
+def add_image_markers(model, tokenizer) -> None:
+    """Turn on LLaVA-Med v1's mm_use_im_start_end for a model that lacks it, as v1.0's
+    initialize_vision_tokenizer did: <im_patch>, <im_start>, <im_end> join the tokenizer (those it lacks),
+    and the embedding and output matrices grow to cover them, new rows set to the mean of the old ones."""
+    from minillavamed.conversation import IM_END, IM_PATCH, IM_START
+
+    tokenizer.add_tokens([IM_PATCH, IM_START, IM_END])
+    d = model.cfg.decoder
+    rows = max(max(tokenizer.added.values()) + 1, d.vocab_size)
+    if rows > d.vocab_size:
+        embed, head = model.decoder.embed, model.decoder.lm_head
+        grown = torch.cat([embed.weight.data, embed.weight.data.float().mean(0, keepdim=True)
+                           .to(embed.weight.dtype).expand(rows - d.vocab_size, -1)])
+        embed.weight = nn.Parameter(grown, requires_grad=embed.weight.requires_grad)
+        embed.num_embeddings = rows
+        if d.tie_embeddings:
+            head.weight = embed.weight
+        else:
+            w = head.weight.data
+            head.weight = nn.Parameter(torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype)
+                                                  .expand(rows - d.vocab_size, -1)]),
+                                       requires_grad=head.weight.requires_grad)
+        head.out_features = rows
+        d.vocab_size = rows
+    model.cfg.mm_use_im_start_end = True
 
 
 def _find_vision_tower(path: Path, meta: dict, given) -> Path | None:

@@ -83,6 +83,9 @@ class LlavaConfig:
     # "pad": pad to a square with the CLIP mean colour before resizing (LLaVA v1.5); "crop": CLIP's
     # resize-and-center-crop only (LLaVA-Med v1).
     image_aspect_ratio: str = "pad"
+    # LLaVA-Med v1's layout: each image is <im_start> + its patches + <im_end> where the record put "<image>"
+    # (tokens added to the vocabulary), instead of v1.5's sentinel alone in front (conversation.py).
+    mm_use_im_start_end: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,6 +130,8 @@ PRESETS: dict[str, LlavaConfig] = {
                               norm_eps=1e-6, rope_theta=10000.0, max_seq_len=2048),
         conv_template="llava_med_v1",
         image_aspect_ratio="crop",
+        # The released v1 weights also set mm_use_im_start_end, with 3-4 more vocabulary rows; loading
+        # them reads both from their config.json and tokenizer files (checkpoint.py).
     ),
     # LLaVA-Med v1.5: CLIP ViT-L/14-336, mlp2x_gelu, Mistral-7B-Instruct-v0.2.
     "llava-med-v1.5-mistral-7b": LlavaConfig(

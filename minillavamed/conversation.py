@@ -3,17 +3,29 @@ assistant's answers"; stage 1 concept alignment uses the caption-only `plain` fo
 
 Every string here is rendered byte-for-byte as haotian-liu/LLaVA's `conversation.py` renders it, and the
 labels are masked by the same algorithms as LLaVA's `train.py` (`preprocess_plain`, `preprocess_v1`,
-`preprocess_llama_2`, and the `###` fallback `preprocess` that LLaVA-Med v1 trained with). Those algorithms
+`preprocess_llama_2`, and the `###` fallback `preprocess` that LLaVA-Med v1 trained with). With an image,
+`llava_med_v1` gives v1.0's own ids only with `im_start_end=True` (below); without it, the image is placed
+and marked as LLaVA v1.5 does, which no LLaVA-Med v1 checkpoint was trained on. Those algorithms
 measure each round by tokenizing it on its own; we keep them literally, quirks included, because that
 is what the released weights were trained on:
   - `vicuna_v1` / `mistral_instruct`: the round lengths must add up to the whole conversation's length,
     otherwise LLaVA masks the whole sample ("tokenization mismatch") and so do we (the dataset then drops
-    it and counts it).
+    it and counts it). Deviation: we drop it even when it is longer than max_len; LLaVA skips the check
+    past model_max_length and trains the earlier rounds of such a sample, whose mask may already be off,
+    so we do not.
   - `llava_med_v1` (`###`): each message is measured as "### Role: text\n" tokenized alone, BOS
     included, so the mask drifts at least one token per message. With LLaMA's vocabulary it trains the
     assistant messages with their "### Assistant:" header plus the first tokens of the next human
     header (how LLaVA-Med v1 learned to stop on "###"). With a vocabulary that merges "\n###" into one
     piece (small trained ones) the drift grows and human text gets trained: use vicuna_v1 for new models.
+
+Where the image goes. LLaVA v1.5's preprocessing (the default here) moves "<image>" to the front of its
+message and gives it one sentinel id. LLaVA-Med v1.0 trained with `mm_use_im_start_end` instead: "<image>"
+stays where the record put it and becomes "<im_start>" + one "<im_patch>" per image patch + "<im_end>"
+(three tokens v1 added to the vocabulary). `im_start_end=True` does exactly that, with the run of patches
+as one sentinel (the model splices the patch features there, between the start and end tokens); the ids
+and labels then equal v1.0's train.py, patches expanded. Its eval scripts put the image after the
+question, and so does `build_prompt`.
 """
 
 from __future__ import annotations
@@ -25,6 +37,8 @@ from .config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .tokenizer import Tokenizer
 
 IMAGE = "<image>"
+# LLaVA-Med v1's image markers, added to its vocabulary in this order (after LLaMA's 32000 pieces and [PAD]).
+IM_PATCH, IM_START, IM_END = "<im_patch>", "<im_start>", "<im_end>"
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -64,11 +78,12 @@ def get_template(name: str) -> Template:
     return TEMPLATES[name]
 
 
-def _messages(conversations: Sequence[dict], with_image: bool) -> list[tuple[str, str]]:
+def _messages(conversations: Sequence[dict], with_image: bool, im_start_end: bool = False) -> list[tuple[str, str]]:
     """LLaVA's records → (speaker, text) pairs, after LLaVA's own clean-up.
 
     With an image, `preprocess_multimodal` moves "<image>" to the front of its message followed by a
-    newline. A conversation that opens with the assistant loses that first message (LLaVA skips it).
+    newline (v1.0's, under `im_start_end`, leaves it in place). A conversation that opens with the
+    assistant loses that first message (LLaVA skips it).
     """
     if not conversations:
         raise ValueError("empty conversation")
@@ -77,11 +92,13 @@ def _messages(conversations: Sequence[dict], with_image: bool) -> list[tuple[str
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise ValueError(f"turn {k} is not a {{'from', 'value'}} dict: {turn!r}")
         speaker, value = turn["from"], turn["value"]
+        # v1.0's train.py compares the speaker lower-cased ("Human", "GPT" are read too).
+        speaker = speaker.lower() if isinstance(speaker, str) else speaker
         if speaker not in ("human", "gpt"):
             raise ValueError(f"turn {k}: unknown speaker {speaker!r} (expected 'human' or 'gpt')")
         if not isinstance(value, str):
             value = str(value)  # some released VQA files hold bare numbers as answers
-        if with_image and IMAGE in value:
+        if with_image and IMAGE in value and not im_start_end:
             value = (IMAGE + "\n" + value.replace(IMAGE, "").strip()).strip()
         out.append((speaker, value))
     return out
@@ -126,9 +143,10 @@ def _render_turns(t: Template, messages: Sequence[tuple[str, str | None]]) -> st
     raise ValueError(f"template {t.name!r} has no multi-turn rendering")
 
 
-def render(template: Template, conversations: Sequence[dict], with_image: bool = True) -> str:
+def render(template: Template, conversations: Sequence[dict], with_image: bool = True,
+           im_start_end: bool = False) -> str:
     """The training text of one LLaVA record's "conversations" list."""
-    messages = _messages(conversations, with_image)
+    messages = _messages(conversations, with_image, im_start_end)
     if template.style == "plain":
         # preprocess_plain: the human message is replaced by the bare image; the caption follows it.
         if len(messages) != 2 or not with_image or IMAGE not in messages[0][1]:
@@ -141,10 +159,11 @@ def render(template: Template, conversations: Sequence[dict], with_image: bool =
 
 
 def build_prompt(template: Template, question: str, history: Sequence[tuple[str, str]] = (),
-                 with_image: bool = True) -> str:
+                 with_image: bool = True, im_start_end: bool = False) -> str:
     """The prompt for generation, ending where the assistant's reply begins.
 
-    `history` holds earlier (question, answer) pairs; the image goes in front of the first question.
+    `history` holds earlier (question, answer) pairs; the image goes in front of the first question (after
+    it with `im_start_end`, as LLaVA-Med v1.0's model_vqa_med.py and run_llava.py put it).
     For `plain` the prompt is the bare image: stage 1 never saw a question, so the question is dropped.
     For `llava_med_v1` it is the training format (LLaVA-Med v1's eval scripts prompted with a different
     `simple` template; the model was trained on this one).
@@ -152,7 +171,9 @@ def build_prompt(template: Template, question: str, history: Sequence[tuple[str,
     if template.style == "plain":
         return IMAGE
     questions = [q for q, _ in history] + [question]
-    if with_image:
+    if with_image and im_start_end:
+        questions[0] = questions[0].replace(IMAGE, "").strip() + "\n" + IMAGE
+    elif with_image:
         questions[0] = IMAGE + "\n" + questions[0].replace(IMAGE, "").strip()
     messages: list[tuple[str, str | None]] = []
     for k, q in enumerate(questions):
@@ -161,11 +182,24 @@ def build_prompt(template: Template, question: str, history: Sequence[tuple[str,
     return _render_turns(template, messages)
 
 
-def tokenize_prompt(text: str, tokenizer: Tokenizer, with_image: bool = True) -> list[int]:
+def tokenize_prompt(text: str, tokenizer: Tokenizer, with_image: bool = True,
+                    im_start_end: bool = False) -> list[int]:
     """LLaVA's `tokenizer_image_token`: BOS once, then each chunk between "<image>"s, joined by the
-    image sentinel. Without an image the text is tokenized whole ("<image>" stays text)."""
+    image sentinel. Without an image the text is tokenized whole ("<image>" stays text).
+
+    With `im_start_end` (LLaVA-Med v1.0): the whole text is tokenized with each "<image>" spelled
+    "<im_start><im_patch><im_end>", and the patch becomes the sentinel; the tokenizer must hold the three
+    added tokens (a v1 checkpoint's added_tokens.json)."""
     if not with_image:
         return tokenizer.encode(text, bos=True)
+    if im_start_end:
+        missing = [t for t in (IM_START, IM_PATCH, IM_END) if t not in tokenizer.added]
+        if missing:
+            raise ValueError(f"mm_use_im_start_end needs {missing} in the tokenizer's added tokens "
+                             f"({tokenizer.path}: put LLaVA-Med v1's added_tokens.json beside it)")
+        patch = tokenizer.added[IM_PATCH]
+        ids = tokenizer.encode(text.replace(IMAGE, IM_START + IM_PATCH + IM_END), bos=True)
+        return [IMAGE_TOKEN_INDEX if i == patch else i for i in ids]
     ids = [tokenizer.bos_id]
     for k, chunk in enumerate(text.split(IMAGE)):
         if k:
@@ -175,17 +209,17 @@ def tokenize_prompt(text: str, tokenizer: Tokenizer, with_image: bool = True) ->
 
 
 def tokenize_conversation(template: Template, conversations: Sequence[dict], tokenizer: Tokenizer,
-                          with_image: bool = True) -> tuple[list[int], list[int]]:
+                          with_image: bool = True, im_start_end: bool = False) -> tuple[list[int], list[int]]:
     """(input_ids with the image sentinel, labels with IGNORE_INDEX) as LLaVA's preprocessing gives."""
-    tok = lambda s: tokenize_prompt(s, tokenizer, with_image)  # noqa: E731
-    text = render(template, conversations, with_image)
+    tok = lambda s: tokenize_prompt(s, tokenizer, with_image, im_start_end)  # noqa: E731
+    text = render(template, conversations, with_image, im_start_end)
     ids = tok(text)
     labels = list(ids)
 
     if template.style == "plain":
         labels[:len(tok(IMAGE))] = [IGNORE_INDEX] * len(tok(IMAGE))
     elif template.style == "sharp":
-        messages = _messages(conversations, with_image)
+        messages = _messages(conversations, with_image, im_start_end)
         pieces = [f"### {template.roles[0 if s == 'human' else 1]}: {v}\n" for s, v in messages]
         cur = len(tok(template.system + "\n\n"))
         _mask(labels, 0, cur)

@@ -165,13 +165,14 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     `num_image_tokens` is how many decoder positions the model gives one image (256 for CLIP-L/14 at 224,
     576 at 336); truncation to `max_len` counts them. `dropped` counts the samples left out and why.
+    `im_start_end` is the model config's mm_use_im_start_end (LLaVA-Med v1's image layout, conversation.py).
     With `skip_bad_images`, an unreadable image makes the item None (collate drops it and counts it in
     the batch's "skipped"); otherwise the error names the file.
     """
 
     def __init__(self, records: Sequence[dict], image_root: str | os.PathLike | None, template: Template,
                  tokenizer: Tokenizer, processor: ImageProcessor | None, max_len: int, num_image_tokens: int,
-                 skip_bad_images: bool = False, source: str = ""):
+                 skip_bad_images: bool = False, source: str = "", im_start_end: bool = False):
         self.image_root = os.fspath(image_root) if image_root is not None else None
         self.processor, self.skip_bad_images = processor, skip_bad_images
         where = f"{source}: " if source else ""
@@ -181,7 +182,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             conv = conversations_of(record, where)
             image = record.get("image")
             try:
-                ids, labels = tokenize_conversation(template, conv, tokenizer, with_image=image is not None)
+                ids, labels = tokenize_conversation(template, conv, tokenizer, with_image=image is not None,
+                                                    im_start_end=im_start_end)
             except ValueError as e:
                 raise ValueError(f"{where}record {record.get('id', '?')!r}: {e}") from None
             if image is not None and IMAGE_TOKEN_INDEX not in ids:

@@ -11,13 +11,19 @@ Our default rules are word-level: a closed yes/no answer is correct when the fir
 is the ground truth; other closed answers when the ground-truth words appear contiguously in the prediction;
 open recall = clipped word overlap / ground-truth words. `substring_compat=True` reproduces the reference's two
 published numbers exactly (its substring hit and its recall formula) for comparison with the paper's tables.
+That closed rule is run_eval_batch.py's. v1.0's run_eval.py and the PathVQA scripts also need "yes" or "no"
+somewhere in the prediction for any closed hit, so a closed question with another answer never scores there
+(perfect answers get 93.38%, 254 of 272, on VQA-RAD's test split); we do not reproduce that rule, it scores
+the answer's form rather than its content.
 Exact match (normalised strings equal) and token F1 (SQuAD-style, clipped counts) are ours; the reference's
 "exact match score" is a different quantity and is not reproduced.
 
 Judge. A text-only model answers each question from the figure caption and context (the reference answer,
 unless the question file carries one in "gpt4_answer"); the judge rates both answers 1-10 for helpfulness,
-relevance, accuracy and level of detail; relative score = mean over questions of model / reference x 100 (the
-reference's summarize_gpt_review.py averages per-question ratios), by question type, by domain and overall.
+relevance, accuracy and level of detail (0-10: a 0 counts, leaving it out would raise the model's mean); relative
+score = mean over questions of model / reference x 100, as LLaVA-Med's scripts average per-question ratios, and
+beside it the ratio of the mean scores that LLaVA's summarize_gpt_review.py reports; by question type, by
+domain (the first true one in LLaVA-Med's get_domain order) and overall. Its record shapes are qa50's.
 
 python -m minillavamed.evaluation vqa --gt GT.json --answers ANSWERS.jsonl [--out SCORES.json]
 python -m minillavamed.evaluation judge --questions Q.jsonl --answers ANSWERS.jsonl --model NAME [--base_url URL]
@@ -138,6 +144,20 @@ def vqa_rad_test_split(path: str) -> list[dict]:
             for r in release if r["phrase_type"] in ("test_freeform", "test_para")]
 
 
+# answer_type values of the released files: VQA-RAD/SLAKE use CLOSED/OPEN; LLaVA-Med's PathVQA scripts
+# (run_eval_pvqa.py) also read "yes/no" as closed and "other"/"number" as open.
+ANSWER_KINDS = {"CLOSED": "CLOSED", "YES/NO": "CLOSED", "OPEN": "OPEN", "OTHER": "OPEN", "NUMBER": "OPEN"}
+
+
+def answer_kind(record: dict) -> str:
+    return ANSWER_KINDS[str(record["answer_type"]).strip().upper()]
+
+
+def conversations_of(record: dict) -> list:
+    """A record's turns; LLaVA-Med's evaluation scripts also read the misspelt "conversatons"."""
+    return record["conversations"] if "conversations" in record else record["conversatons"]
+
+
 def load_ground_truth(path: str) -> list[dict]:
     """LLaVA-format VQA ground truth (JSON array), or the VQA-RAD release file (its official test split)."""
     with open(path, encoding="utf-8") as f:
@@ -145,11 +165,17 @@ def load_ground_truth(path: str) -> list[dict]:
     if data and isinstance(data, list) and "phrase_type" in data[0]:
         return vqa_rad_test_split(path)
     for i, r in enumerate(data):
-        for key in ("id", "conversations", "answer_type"):
+        for key in ("id", "answer_type"):
             if key not in r:
                 raise ValueError(f"{path}: record {i}: missing '{key}'")
-        if str(r["answer_type"]).strip().upper() not in ("CLOSED", "OPEN"):
-            raise ValueError(f"{path}: record {i}: answer_type {r['answer_type']!r} is not CLOSED or OPEN")
+        if "conversations" not in r and "conversatons" not in r:
+            raise ValueError(f"{path}: record {i}: missing 'conversations'")
+        turns = conversations_of(r)
+        if not isinstance(turns, list) or len(turns) < 2 or not isinstance(turns[1], dict) or "value" not in turns[1]:
+            raise ValueError(f"{path}: record {i}: 'conversations' needs a question and an answer turn")
+        if str(r["answer_type"]).strip().upper() not in ANSWER_KINDS:
+            raise ValueError(f"{path}: record {i}: answer_type {r['answer_type']!r} is not one of "
+                             f"{sorted(ANSWER_KINDS)}")
     return data
 
 
@@ -176,8 +202,8 @@ def score_vqa(ground_truth: list[dict], answers: dict[str, str], substring_compa
     groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     missing, rows = [], []
     for r in ground_truth:
-        qid, kind = str(r["id"]), str(r["answer_type"]).strip().upper()
-        gt = r["conversations"][1]["value"]
+        qid, kind = str(r["id"]), answer_kind(r)
+        gt = str(conversations_of(r)[1]["value"])
         pred = answers.get(qid)
         is_missing = pred is None
         if is_missing:
@@ -213,9 +239,9 @@ def majority_answers(train: list[dict], ground_truth: list[dict]) -> dict[str, s
     """The majority-answer baseline: every question gets the most common training answer of its type."""
     counts: dict[str, Counter] = defaultdict(Counter)
     for r in train:
-        counts[str(r["answer_type"]).strip().upper()][normalize_answer(str(r["conversations"][1]["value"]))] += 1
+        counts[answer_kind(r)][normalize_answer(str(conversations_of(r)[1]["value"]))] += 1
     best = {kind: c.most_common(1)[0][0] for kind, c in counts.items()}
-    return {str(r["id"]): best.get(str(r["answer_type"]).strip().upper(), "") for r in ground_truth}
+    return {str(r["id"]): best.get(answer_kind(r), "") for r in ground_truth}
 
 
 def format_table(header: list[str], rows: list[list]) -> str:
@@ -245,39 +271,52 @@ JUDGE_INSTRUCTION = (
 
 
 def _context_text(q: dict) -> str:
-    mentions = q.get("in_text_mention") or []
-    mentions = [mentions] if isinstance(mentions, str) else mentions
-    return instruct.figure_context({**q, "in_text_mention": mentions}, inline_mentions=True)
+    # in_text_mention as a string, a list of strings or of {"tokens": ...} dicts (instruct.mention_texts).
+    return instruct.figure_context(q, inline_mentions=True)
+
+
+def question_text(q: dict) -> str:
+    """The question without its "<image>" marker (qa50's texts end in "\n<image>", which v1.0's
+    eval_multimodal_chat_gpt_score.py cut off with [:-8])."""
+    return q["text"].replace("<image>", "").strip()
 
 
 def reference_messages(q: dict) -> list[dict]:
     """The text-only reference answer's request: caption + context + the question, no image."""
     return [{"role": "system", "content": REFERENCE_SYSTEM},
-            {"role": "user", "content": f"{_context_text(q)}\n\nQuestion: {q['text']}"}]
+            {"role": "user", "content": f"{_context_text(q)}\n\nQuestion: {question_text(q)}"}]
 
 
 def judge_messages(q: dict, reference_answer: str, model_answer: str) -> list[dict]:
     """Assistant 1 is the reference, Assistant 2 the model, as in the reference's fixed order."""
-    body = (f"[Context]\n{_context_text(q)}\n\n[Question]\n{q['text']}\n\n"
+    body = (f"[Context]\n{_context_text(q)}\n\n[Question]\n{question_text(q)}\n\n"
             f"[Assistant 1]\n{reference_answer}\n[End of Assistant 1]\n\n"
             f"[Assistant 2]\n{model_answer}\n[End of Assistant 2]\n\n[Instruction]\n{JUDGE_INSTRUCTION}")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": body}]
 
 
 def parse_judge_scores(text: str) -> tuple[float, float]:
-    """The two scores on the reply's first non-empty line ("8 6", "8/10 6/10", "Assistant 1: 8, Assistant 2: 6")."""
+    """The two scores on the reply's first non-empty line ("8 6", "8/10 6/10", "Assistant 1: 8, Assistant 2: 6").
+
+    0 is a score like any other (the judge gives it to an empty or off-topic answer); leaving it out, as an
+    earlier version did, raised the model's mean. The reference scripts take whatever number is there."""
     first = next((line for line in text.splitlines() if line.strip()), "")
     stripped = re.sub(r"/\s*10\b", " ", re.sub(r"assistant\s*[12]", " ", first, flags=re.IGNORECASE))
     nums = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", stripped)]
-    if len(nums) != 2 or not all(1 <= x <= 10 for x in nums):
-        raise ValueError(f"expected two scores 1-10 on the first line of the review, got {first[:80]!r}")
+    if len(nums) != 2 or not all(0 <= x <= 10 for x in nums):
+        raise ValueError(f"expected two scores 0-10 on the first line of the review, got {first[:80]!r}")
     return nums[0], nums[1]
+
+
+# The order in which LLaVA-Med's summary scripts (get_domain) look for the first true domain.
+DOMAIN_ORDER = ("chest_xray", "mri", "histology", "gross", "ct_scan")
 
 
 def question_domain(q: dict) -> str:
     domain = q.get("domain")
     if isinstance(domain, dict):  # LLaVA-Med's {"chest_xray": true, "mri": false, ...}
-        return next((k for k, v in domain.items() if v), "unknown")
+        ordered = [d for d in DOMAIN_ORDER if d in domain] + [d for d in domain if d not in DOMAIN_ORDER]
+        return next((d for d in ordered if domain[d]), "unknown")
     return domain or "unknown"
 
 
@@ -305,7 +344,12 @@ async def judge_answers(questions: list[dict], answers: dict[str, str], client: 
 
 
 def summarize_judgments(rows: list[dict]) -> dict:
-    """Mean scores and relative score (mean of model/reference x 100) by type, by domain and overall."""
+    """Mean scores and the relative score by type, by domain and overall, both ways the reference computes it:
+    `relative_score`, the mean of per-question model/reference x 100 (LLaVA-Med's
+    eval_multimodal_chat_gpt_score.py, main's summarize_gpt_review.py: the paper's numbers), and
+    `relative_of_means`, mean model score / mean reference score x 100 (LLaVA's summarize_gpt_review.py, also
+    in v1.0). A question whose reference answer scored 0 has no ratio: it is left out of `relative_score`
+    only (the reference scripts would divide by zero) and counted in `n_no_ratio`."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         if "error" not in r:
@@ -313,15 +357,18 @@ def summarize_judgments(rows: list[dict]) -> dict:
                 groups[g].append(r)
     out = {}
     for g, rs in sorted(groups.items(), key=lambda kv: (kv[0] == "overall", kv[0])):
-        out[g] = {"n": len(rs),
-                  "reference_score": sum(r["reference_score"] for r in rs) / len(rs),
-                  "model_score": sum(r["model_score"] for r in rs) / len(rs),
-                  "relative_score": 100 * sum(r["model_score"] / r["reference_score"] for r in rs) / len(rs)}
+        ref = sum(r["reference_score"] for r in rs) / len(rs)
+        model = sum(r["model_score"] for r in rs) / len(rs)
+        ratios = [r["model_score"] / r["reference_score"] for r in rs if r["reference_score"] > 0]
+        out[g] = {"n": len(rs), "reference_score": ref, "model_score": model,
+                  "relative_score": 100 * sum(ratios) / len(ratios) if ratios else None,
+                  "relative_of_means": 100 * model / ref if ref > 0 else None,
+                  "n_no_ratio": len(rs) - len(ratios)}
     return {"groups": out, "errors": {r["question_id"]: r["error"] for r in rows if "error" in r}}
 
 
 def judge_table(summary: dict) -> str:
-    keys = ["n", "reference_score", "model_score", "relative_score"]
+    keys = ["n", "reference_score", "model_score", "relative_score", "relative_of_means"]
     return format_table(["group"] + keys, [[g] + [s[k] for k in keys] for g, s in summary["groups"].items()])
 
 

@@ -65,8 +65,9 @@ class Assistant:
     ) -> list[str]:
         """One reply per question; `histories` holds earlier (question, answer) turns of each chat."""
         histories = histories or [()] * len(questions)
-        rows = [tokenize_prompt(build_prompt(self.template, q, h, with_image=im is not None), self.tokenizer,
-                                with_image=im is not None)
+        v1 = self.model.cfg.mm_use_im_start_end
+        rows = [tokenize_prompt(build_prompt(self.template, q, h, with_image=im is not None, im_start_end=v1),
+                                self.tokenizer, with_image=im is not None, im_start_end=v1)
                 for q, im, h in zip(questions, images, histories)]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)

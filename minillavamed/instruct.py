@@ -11,6 +11,7 @@ in evaluation.py shares.
 
 import asyncio
 import email.utils
+import itertools
 import json
 import os
 import random
@@ -138,12 +139,45 @@ DESCRIBE_INSTRUCTIONS = [
 ]
 
 
+def mention_texts(mentions) -> list[str]:
+    """The citing sentences of a PMC record's "in_text_mention", in any shape the released files use: a list
+    of strings or of {"tokens": sentence} dicts (what LLaVA-Med's instruct_generate.py reads), a single
+    string, or null."""
+    if not mentions:
+        return []
+    if isinstance(mentions, str):
+        mentions = [mentions]
+    out = []
+    for m in mentions:
+        if isinstance(m, dict):
+            m = m.get("tokens") or ""
+        if not isinstance(m, str):
+            raise ValueError(f"in_text_mention entry {m!r} is neither a string nor a {{'tokens': ...}} dict")
+        if m.strip():
+            out.append(m.strip())
+    return out
+
+
+def pmc_records(data) -> list[dict]:
+    """PMC figure records from a loaded JSON file: a list, or LLaVA-Med's {domain: [records]} object, taken
+    round-robin over the domains as its instruct_generate.py does (a record without "domain" gets its key).
+    A record without "image" gets LLaVA-Med's name for it, pair_id + ".jpg" (instruct_postprocess.py)."""
+    if isinstance(data, dict):
+        columns = [[r if not isinstance(r, dict) or "domain" in r else {**r, "domain": d} for r in rs]
+                   for d, rs in data.items()]
+        data = [r for row in itertools.zip_longest(*columns) for r in row if r is not None]
+    if not isinstance(data, list):
+        raise ValueError("expected a JSON array of records or an object of {domain: [records]}")
+    return [{**r, "image": f"{r['pair_id']}.jpg"} if isinstance(r, dict) and "image" not in r
+            and isinstance(r.get("pair_id"), str) else r for r in data]
+
+
 def figure_context(record: dict, inline_mentions: bool) -> str:
     """The query text: caption (with its label), plus the citing sentences when inline mentions are on."""
     label = record.get("fig_label")
     text = "Figure Caption:\n" + (f"{label}: " if label else "") + record["fig_caption"].strip()
-    mentions = [m.strip() for m in (record.get("in_text_mention") or []) if m and m.strip()]
-    if inline_mentions and mentions:
+    mentions = mention_texts(record.get("in_text_mention")) if inline_mentions else []
+    if mentions:
         text += "\n\nFigure Context:\n" + "\n".join(f"- {m}" for m in mentions)
     return text
 

@@ -5,6 +5,9 @@ The prompt carries one sentinel id (IMAGE_TOKEN_INDEX, -200) per image where the
 embedding space, and those vectors take the sentinel's place, so that one id in `input_ids` becomes
 `num_patches` positions in the sequence the decoder sees. Labels of image positions are IGNORE_INDEX: the
 model is only ever trained to produce text (captions in stage 1, answers in stage 2).
+With LLaVA-Med v1's layout (config mm_use_im_start_end) the sentinel sits between the ordinary tokens
+<im_start> and <im_end>, so the same splice gives what v1.0 computed by overwriting the embeddings of its
+run of <im_patch> tokens with the patch features.
 
 `generate()` is the one sampling routine of the project (sample.py and evaluation both use it): a batched,
 left-padded prefill followed by one cached step per new token.

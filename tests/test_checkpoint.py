@@ -221,3 +221,91 @@ def test_config_with_unknown_field_is_rejected():
     d["decoder"]["n_experts"] = 8
     with pytest.raises(ValueError, match="n_experts"):
         LlavaConfig.from_dict(d)
+
+
+# ---- LLaVA-Med v1 layout: mm_use_im_start_end, tokens added after LLaMA's vocabulary ----
+
+def write_v1_layout(root, tok_texts=None):
+    """A LLaVA-Med v1.0 style checkpoint: LlavaLlamaForCausalLM keys, one linear projector, a config with
+    mm_use_im_start_end and no image_aspect_ratio, and the tokenizer v1.0's train.py saves ([PAD], then
+    <im_patch>, <im_start>, <im_end> after the SentencePiece pieces)."""
+    from safetensors.torch import save_file as save
+    from minillavamed.tokenizer import train_tokenizer
+    clip_dir, v1_dir = root / "clip", root / "v1"
+    clip = hf.clip(seed=6)
+    clip.save_pretrained(clip_dir)
+    tok = train_tokenizer(tok_texts or ["what is shown in the image a chest x ray lesion left right"] * 20,
+                          v1_dir, vocab_size=300)
+    base = tok.vocab_size
+    llama = hf.llama(seed=7, vocab_size=base + 4)
+    proj = torch.nn.Linear(32, 64)
+    torch.nn.init.normal_(proj.weight, std=0.2)
+    state = {**llama.state_dict(), "model.mm_projector.weight": proj.weight.data,
+             "model.mm_projector.bias": proj.bias.data}
+    save({k: v.contiguous() for k, v in state.items()}, str(v1_dir / "model.safetensors"))
+    config = {**llama.config.to_dict(), "model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"],
+              "mm_vision_tower": str(clip_dir), "mm_vision_select_layer": -2, "mm_hidden_size": 32,
+              "mm_use_im_start_end": True, "use_mm_proj": True}
+    (v1_dir / "config.json").write_text(json.dumps(config))
+    (v1_dir / "added_tokens.json").write_text(json.dumps(
+        {"[PAD]": base, "<im_patch>": base + 1, "<im_start>": base + 2, "<im_end>": base + 3}))
+    return v1_dir, clip, llama, proj
+
+
+def test_llava_med_v1_layout_is_prompted_as_it_was_trained(tmp_path):
+    from minillavamed.conversation import build_prompt, get_template, tokenize_prompt
+    from minillavamed.tokenizer import Tokenizer
+    v1_dir, clip, llama, proj = write_v1_layout(tmp_path)
+    ours = LlavaMed.from_pretrained(v1_dir)
+    cfg = ours.cfg
+    assert cfg.mm_use_im_start_end and cfg.conv_template == "llava_med_v1" and cfg.image_aspect_ratio == "crop"
+    tok = Tokenizer(v1_dir)
+    prompt = build_prompt(get_template(cfg.conv_template), "what is shown?", im_start_end=cfg.mm_use_im_start_end)
+    ids = tokenize_prompt(prompt, tok, im_start_end=True)
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    # v1.0's LlavaLlamaModel.forward: the embeddings of the patch tokens between <im_start> and <im_end>
+    # are replaced by the projected patch features; <im_start>/<im_end> keep their own embeddings.
+    patch = tok.added["<im_patch>"]
+    with torch.no_grad():
+        features = proj(clip(pixels, output_hidden_states=True).hidden_states[-2][:, 1:])[0]
+        p = ids.index(-200)
+        expanded = torch.tensor(ids[:p] + [patch] * features.shape[0] + ids[p + 1:])[None]
+        embeds = llama.model.embed_tokens(expanded)
+        embeds[0, p:p + features.shape[0]] = features
+        expected = llama(inputs_embeds=embeds).logits
+        out = ours(torch.tensor([ids]), pixels)[0]
+    assert ids[p - 1] == tok.added["<im_start>"] and ids[p + 1] == tok.added["<im_end>"]
+    assert_close_scaled(out, expected)
+
+
+def test_v1_layout_without_its_tokenizer_files_is_refused(tmp_path):
+    v1_dir, *_ = write_v1_layout(tmp_path)
+    (v1_dir / "added_tokens.json").unlink()
+    with pytest.raises(CheckpointError, match="added_tokens.json.*<im_start>"):
+        LlavaMed.from_pretrained(v1_dir)
+    (v1_dir / "added_tokens.json").write_text(json.dumps({"<im_patch>": 300, "<im_start>": 301, "<im_end>": 999}))
+    with pytest.raises(CheckpointError, match="<im_end> has id 999 but the embeddings have only 304 rows"):
+        LlavaMed.from_pretrained(v1_dir)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_add_image_markers_grows_the_vocabulary_as_v1_did(tmp_path, tied):
+    from minillavamed.checkpoint import add_image_markers
+    from minillavamed.tokenizer import train_tokenizer
+    tok = train_tokenizer(["a chest x ray of the left lung"] * 20, tmp_path, vocab_size=300)
+    cfg = preset("tiny")
+    cfg.decoder.vocab_size, cfg.decoder.tie_embeddings = tok.vocab_size, tied
+    model = LlavaMed(cfg)
+    old_embed, old_head = model.decoder.embed.weight.detach().clone(), model.decoder.lm_head.weight.detach().clone()
+    add_image_markers(model, tok)
+    n = tok.vocab_size
+    assert tok.added == {"<im_patch>": n, "<im_start>": n + 1, "<im_end>": n + 2}
+    assert model.cfg.mm_use_im_start_end and model.cfg.decoder.vocab_size == n + 3
+    embed, head = model.decoder.embed.weight, model.decoder.lm_head.weight
+    assert embed.shape == head.shape == (n + 3, cfg.decoder.dim) and (head is embed) == tied
+    assert torch.equal(embed[:n], old_embed) and torch.allclose(embed[n:], old_embed.mean(0).expand(3, -1))
+    assert torch.allclose(head[n:], old_head.mean(0).expand(3, -1))
+    ids = torch.tensor([[1, n + 1, 5, n + 2]])
+    assert model(ids)[0].shape == (1, 4, n + 3)
+    add_image_markers(model, tok)  # idempotent
+    assert model.cfg.decoder.vocab_size == n + 3

@@ -237,5 +237,104 @@ def test_bad_conversations_raise():
         render(t, [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}])
     with pytest.raises(ValueError, match="value"):
         render(t, [{"from": "human"}])
+    # v1.0's train.py lower-cases the speaker.
+    assert render(t, [{"from": "Human", "value": "a"}, {"from": "GPT", "value": "b"}]) == render(
+        t, [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}])
     with pytest.raises(ValueError, match="plain"):
         render(get_template("plain"), CONV)
+
+
+# ---- LLaVA-Med v1.0 (mm_use_im_start_end) -------------------------------------------------------------
+
+N_PATCHES = 4
+V1_CONVS = [
+    CONV[:2], CONV,
+    [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A chest X-ray."}],
+    [{"from": "human", "value": "Is the  <image>  lesion right?"}, {"from": "gpt", "value": "Yes."},
+     {"from": "human", "value": "Size?"}, {"from": "gpt", "value": "3 cm"}],
+    [{"from": "human", "value": "What is shown?\n<image>"}, {"from": "gpt", "value": 42}],
+    CAPTION,
+]
+
+
+@pytest.fixture(scope="module")
+def hf_v1(tok):
+    """The slow tokenizer with v1's three added tokens. transformers 4.28 stripped the whitespace around a
+    token added by add_tokens; AddedToken(lstrip=True, rstrip=True) asks 5.x for the same."""
+    from transformers import AddedToken
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+    o = SentencePieceBackend(vocab_file=tok.path, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                             legacy=True, special_tokens_pattern="bos")
+    o.add_tokens([AddedToken(t, lstrip=True, rstrip=True, special=True) for t in ("<im_patch>", "<im_start>",
+                                                                                   "<im_end>")])
+    return o
+
+
+@pytest.fixture(scope="module")
+def tok_v1(tok):
+    from minillavamed.tokenizer import Tokenizer
+    t = Tokenizer(tok.path)
+    t.add_tokens(["<im_patch>", "<im_start>", "<im_end>"])  # initialize_vision_tokenizer's order
+    return t
+
+
+def v1_train_preprocess(source, tokenizer, system):
+    """LLaVA-Med v1.0 train.py on one record (version v0, default conv_v1_2, mm_use_im_start_end), from our
+    reading: preprocess_multimodal replaces "<image>" where it stands (ints become strings), then
+    `preprocess` tokenizes the ### conversation whole and masks each human message from its third token on,
+    measuring every piece by tokenizing it alone."""
+    image = "<im_start>" + "<im_patch>" * N_PATCHES + "<im_end>"
+    for s in source:
+        s["value"] = str(s["value"]).replace("<image>", image)
+    header = f"{system}\n\n"
+    conversation = header
+    for s in source:
+        s["value"] = "### " + {"human": "Human", "gpt": "Assistant"}[s["from"]] + ": " + s["value"] + "\n"
+        conversation += s["value"]
+    conversation += "### "
+    ids = tokenizer(conversation).input_ids
+    target = list(ids)
+    lens = [len(tokenizer(p).input_ids) for p in [header] + [s["value"] for s in source]]
+    cur = lens[0]
+    target[:cur] = [IGN] * cur
+    for n, s in zip(lens[1:], source):
+        if s["from"] == "human":
+            target[cur + 2:cur + n] = [IGN] * len(target[cur + 2:cur + n])
+        cur += n
+    return ids, target
+
+
+def expand_patches(ids, labels, patch_id):
+    """Our sentinel as v1.0's run of patch tokens (the splice puts the patch features there; not trained)."""
+    out_ids, out_labels = [], []
+    for i, y in zip(ids, labels):
+        out_ids += [patch_id] * N_PATCHES if i == IMAGE_TOKEN_INDEX else [i]
+        out_labels += [IGN] * N_PATCHES if i == IMAGE_TOKEN_INDEX else [y]
+    return out_ids, out_labels
+
+
+@pytest.mark.parametrize("k", range(len(V1_CONVS)))
+def test_im_start_end_ids_and_labels_equal_llava_med_v1_train(tok_v1, hf_v1, k):
+    conv = V1_CONVS[k]
+    ids, labels = tokenize_conversation(get_template("llava_med_v1"), conv, tok_v1, im_start_end=True)
+    ref_ids, ref_labels = v1_train_preprocess(copy.deepcopy(conv), hf_v1, V1_SYSTEM)
+    assert expand_patches(ids, labels, tok_v1.added["<im_patch>"]) == (ref_ids, ref_labels)
+    start, end = tok_v1.added["<im_start>"], tok_v1.added["<im_end>"]
+    p = ids.index(IMAGE_TOKEN_INDEX)
+    assert ids[p - 1:p + 2] == [start, IMAGE_TOKEN_INDEX, end] and ids.count(IMAGE_TOKEN_INDEX) == 1
+    # v1.5's layout moves the image to the front; v1.0's leaves it where the record has it.
+    assert render(get_template("llava_med_v1"), conv, im_start_end=True).count("<image>") == 1
+    if k == 3:
+        assert "Is the <image> lesion" not in render(get_template("llava_med_v1"), conv)
+        assert "Is the  <image>  lesion" in render(get_template("llava_med_v1"), conv, im_start_end=True)
+
+
+def test_im_start_end_prompt_puts_the_image_after_the_question(tok, tok_v1, hf_v1):
+    t = get_template("llava_med_v1")
+    prompt = build_prompt(t, "<image> Is it normal?", im_start_end=True)
+    assert prompt == V1_SYSTEM + "\n\n### Human: Is it normal?\n<image>\n### Assistant:"
+    ids = tokenize_prompt(prompt, tok_v1, im_start_end=True)
+    image = "<im_start>" + "<im_patch>" * N_PATCHES + "<im_end>"
+    assert expand_patches(ids, ids, tok_v1.added["<im_patch>"])[0] == hf_v1(prompt.replace("<image>", image)).input_ids
+    with pytest.raises(ValueError, match="im_start"):
+        tokenize_prompt(prompt, tok, im_start_end=True)

@@ -187,3 +187,20 @@ def test_vqa_rad_converter_on_the_real_release(tmp_path, tok):
     ds = ConversationDataset(test[:3], os.path.join(VQA_RAD, "images"), get_template("vicuna_v1"), tok,
                              ImageProcessor.for_model(224, "pad"), max_len=2048, num_image_tokens=256)
     assert len(ds) == 3 and ds[0]["pixel_values"].shape == (3, 224, 224)
+
+
+def test_im_start_end_samples_keep_the_image_in_place(root, tok):
+    from minillavamed.tokenizer import Tokenizer
+    v1 = Tokenizer(tok.path)
+    v1.add_tokens(["<im_patch>", "<im_start>", "<im_end>"])
+    ds = make([INSTRUCT], root, v1, template="llava_med_v1", im_start_end=True)
+    ids, labels = tokenize_conversation(get_template("llava_med_v1"), INSTRUCT["conversations"], v1,
+                                        im_start_end=True)
+    item = ds[0]
+    assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
+    p = ids.index(IMAGE_TOKEN_INDEX)
+    assert ids[p - 1:p + 2] == [v1.added["<im_start>"], IMAGE_TOKEN_INDEX, v1.added["<im_end>"]]
+    # "What is shown?\n<image>": the image follows the question, as the record has it.
+    assert v1.decode(ids[:p]).endswith("### Human: What is shown?")
+    with pytest.raises(ValueError, match="im_start"):
+        make([INSTRUCT], root, tok, template="llava_med_v1", im_start_end=True)

@@ -187,7 +187,8 @@ def test_judge_against_local_server(tmp_path, monkeypatch, capsys):
     assert "[Assistant 2]\nAn enlarged heart." in judged_q1 and "Fig. 1 shows it." in judged_q1
     summary = json.loads((tmp_path / "summary.json").read_text())
     g = summary["groups"]
-    assert g["overall"] == {"n": 2, "reference_score": 6.5, "model_score": 5.5, "relative_score": 87.5}
+    assert g["overall"] == {"n": 2, "reference_score": 6.5, "model_score": 5.5, "relative_score": 87.5,
+                            "relative_of_means": pytest.approx(100 * 5.5 / 6.5), "n_no_ratio": 0}
     assert g["type:conversation"]["relative_score"] == 75.0 and g["type:detailed_description"]["relative_score"] == 100.0
     assert g["domain:chest_xray"]["n"] == 1 and g["domain:mri"]["relative_score"] == 100.0
     assert set(summary["errors"]) == {"q3", "q4"} and summary["errors"]["q4"] == "missing answer"
@@ -223,3 +224,65 @@ def test_majority_baseline_answers_the_most_common_training_answer_per_type():
     assert answers == {"x": "no", "y": "no", "z": "left lung"}
     scores = ev.score_vqa(test, answers)["scores"]
     assert scores["CLOSED"]["closed_accuracy"] == 50.0 and scores["OPEN"]["open_recall"] == 50.0
+
+
+# ----------------------------------------------------------------------------- shapes of the released files
+
+def _gt(i, answer, kind, key="conversations"):
+    return {"id": i, "answer_type": kind, key: [{"from": "human", "value": "<image>\nq"},
+                                               {"from": "gpt", "value": answer}]}
+
+
+def test_misspelt_conversatons_key_is_read(tmp_path):
+    # LLaVA-Med's run_eval*.py fall back to "conversatons", which some released files use.
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps([_gt("1", "yes", "CLOSED", "conversatons"), _gt("2", "left lung", "OPEN")]))
+    gt = ev.load_ground_truth(str(path))
+    scores = ev.score_vqa(gt, {"1": "yes", "2": "the left lung"})["scores"]
+    assert scores["CLOSED"]["closed_accuracy"] == 100.0 and scores["OPEN"]["open_recall"] == 100.0
+    assert ev.majority_answers(gt, gt) == {"1": "yes", "2": "left lung"}
+    path.write_text(json.dumps([{"id": "1", "answer_type": "OPEN"}]))
+    with pytest.raises(ValueError, match="record 0: missing 'conversations'"):
+        ev.load_ground_truth(str(path))
+    path.write_text(json.dumps([{"id": "1", "answer_type": "OPEN", "conversations": [{"from": "human"}]}]))
+    with pytest.raises(ValueError, match="record 0: 'conversations' needs a question and an answer"):
+        ev.load_ground_truth(str(path))
+
+
+def test_pathvqa_answer_types_and_numeric_answers(tmp_path):
+    # run_eval_pvqa.py reads "yes/no" as closed and "other"/"number" as open; answers may be bare numbers.
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps([_gt("1", "no", "yes/no"), _gt("2", "fibrosis", "other"), _gt("3", 3, "number")]))
+    res = ev.score_vqa(ev.load_ground_truth(str(path)), {"1": "No.", "2": "fibrosis", "3": "three"})
+    assert res["scores"]["CLOSED"] == pytest.approx({"n": 1, "missing": 0, "closed_accuracy": 100.0,
+                                                     "open_recall": None, "exact_match": 100.0, "token_f1": 100.0})
+    assert res["scores"]["OPEN"]["n"] == 2 and res["scores"]["OPEN"]["open_recall"] == 100.0
+    path.write_text(json.dumps([_gt("1", "no", "maybe")]))
+    with pytest.raises(ValueError, match="answer_type 'maybe'"):
+        ev.load_ground_truth(str(path))
+
+
+def test_judge_reads_qa50_shapes():
+    q = {"question_id": 7, "text": "What is shown in the image?\n<image>", "fig_label": "Fig. 2",
+         "fig_caption": "CT of the chest.", "in_text_mention": [{"tokens": "Fig. 2 shows a nodule."}],
+         "domain": {"ct_scan": True, "chest_xray": True, "mri": False}, "type": "conversation"}
+    body = ev.judge_messages(q, "ref", "ours")[-1]["content"]
+    assert "[Question]\nWhat is shown in the image?\n\n" in body and "<image>" not in body
+    assert "Fig. 2 shows a nodule." in body
+    assert "<image>" not in ev.reference_messages(q)[-1]["content"]
+    # Two domains true: the summary scripts' get_domain order (chest_xray before ct_scan), not the dict's.
+    assert ev.question_domain(q) == "chest_xray"
+    assert ev.question_domain({"domain": {"gross": True, "histology": True}}) == "histology"
+    assert ev.question_domain({"domain": {"other": True}}) == "other"
+
+
+def test_judge_score_zero_counts():
+    row = {"type": "conversation", "domain": "mri"}
+    rows = [{**row, "question_id": "a", "reference_score": 8.0, "model_score": 0.0},
+            {**row, "question_id": "b", "reference_score": 8.0, "model_score": 8.0},
+            {**row, "question_id": "c", "reference_score": 0.0, "model_score": 4.0}]
+    assert ev.parse_judge_scores("8 0\nthe answer is empty") == (8.0, 0.0)
+    g = ev.summarize_judgments(rows)["groups"]["overall"]
+    # The 0 pulls the model down; the question whose reference scored 0 has no ratio but counts in the means.
+    assert g["relative_score"] == 50.0 and g["n_no_ratio"] == 1 and g["n"] == 3
+    assert g["model_score"] == 4.0 and g["relative_of_means"] == pytest.approx(100 * 4 / (16 / 3))

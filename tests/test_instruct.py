@@ -222,3 +222,45 @@ def test_azure_client_from_environment(monkeypatch):
     # An explicit --base_url wins over the Azure variables.
     monkeypatch.setenv("OPENAI_API_KEY", "k")
     assert not isinstance(instruct.make_openai_client("http://127.0.0.1:1/v1", 5.0), openai.AsyncAzureOpenAI)
+
+
+# ------------------------------------------------------------------ record shapes of the released files
+
+def test_in_text_mention_as_tokens_dicts_string_or_null():
+    # LLaVA-Med's instruct_generate.py reads {"tokens": sentence} entries as well as plain strings.
+    dicts = dict(RECORD, in_text_mention=[{"tokens": "Figure 2 shows the consolidation."}, {"tokens": " "},
+                                          "A second mention."])
+    assert instruct.figure_context(dicts, True).endswith(
+        "Figure Context:\n- Figure 2 shows the consolidation.\n- A second mention.")
+    assert instruct.figure_context(dicts, False) == instruct.figure_context(dict(RECORD, in_text_mention=[]), True)
+    assert instruct.figure_context(dict(RECORD, in_text_mention="One sentence."), True).endswith("- One sentence.")
+    assert instruct.mention_texts(None) == instruct.mention_texts([]) == []
+    with pytest.raises(ValueError, match="in_text_mention"):
+        instruct.mention_texts([3])
+
+
+def test_domain_dict_input_and_default_image_name():
+    # instruct_generate.py's input is {domain: [records]}, walked round-robin; instruct_postprocess.py names
+    # the image pair_id + ".jpg".
+    data = {"chest_xray": [{"pair_id": "a1", "fig_caption": "x"}, {"pair_id": "a2", "fig_caption": "x"}],
+            "mri": [{"pair_id": "b1", "fig_caption": "y", "domain": "mri", "image": "b1.png"}]}
+    recs = instruct.pmc_records(data)
+    assert [r["pair_id"] for r in recs] == ["a1", "b1", "a2"]
+    assert [r["domain"] for r in recs] == ["chest_xray", "mri", "chest_xray"]
+    assert [r["image"] for r in recs] == ["a1.jpg", "b1.png", "a2.jpg"]
+    assert instruct.pmc_records([{"pair_id": "c"}]) == [{"pair_id": "c", "image": "c.jpg"}]
+    with pytest.raises(ValueError, match="domain"):
+        instruct.pmc_records("nope")
+
+
+def test_generate_data_reads_the_domain_dict_file(tmp_path):
+    import json
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import generate_data
+    path = tmp_path / "llava_med_instruct_fig_captions.json"
+    path.write_text(json.dumps({"ct_scan": [{"pair_id": "p1", "fig_label": "Fig. 1", "fig_caption": "CT.",
+                                             "in_text_mention": [{"tokens": "See Fig. 1."}]}]}))
+    recs = generate_data.load_records(str(path))
+    assert recs == [{"pair_id": "p1", "fig_label": "Fig. 1", "fig_caption": "CT.",
+                     "in_text_mention": [{"tokens": "See Fig. 1."}], "domain": "ct_scan", "image": "p1.jpg"}]
+    assert "- See Fig. 1." in instruct.build_messages(recs[0], inline_mentions=True)[-1]["content"]
