@@ -35,7 +35,8 @@ from minillavamed import LlavaMed
 from minillavamed.checkpoint import save_state
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset
 from minillavamed.conversation import get_template, render
-from minillavamed.data import ConversationDataset, ImageProcessor, collate, load_records, questions_from_vqa
+from minillavamed.data import (ConversationDataset, ImageProcessor, collate, image_positions, load_records,
+                               questions_from_vqa)
 from minillavamed.evaluation import score_vqa
 from minillavamed.inference import Assistant, answer_questions
 from minillavamed.tokenizer import Tokenizer, train_tokenizer
@@ -313,7 +314,7 @@ def micro_batches(n: int, cfg: TrainConfig, d: Dist, accum: int, epoch: int, sta
 
 def build_dataset(records, cfg, template, tokenizer, processor, model_cfg, image_folder, source):
     return ConversationDataset(records, image_folder, template, tokenizer, processor, cfg.max_len,
-                               model_cfg.vision.num_patches, skip_bad_images=cfg.skip_bad_images, source=source)
+                               image_positions(model_cfg.vision), skip_bad_images=cfg.skip_bad_images, source=source)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -369,7 +370,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"{tokenizer_file}: missing; the checkpoint needs its SentencePiece tokenizer")
         tokenizer = Tokenizer(tokenizer_file)
         model = LlavaMed.from_pretrained(source, vision_tower=cfg.vision_tower or None)
-    if cfg.stage >= 2 and cfg.conv:
+    if cfg.stage != 1 and cfg.conv:  # stage 1's plain template is for alignment only, never the model's
         model.cfg.conv_template = cfg.conv  # the chat format this model is tuned to, saved with it
     template = get_template(cfg.conv or model.cfg.conv_template)
     model.set_attention_backend(cfg.attn)
@@ -497,7 +498,7 @@ def main(argv=None) -> int:
                         epoch, start = epoch + 1, 0
                     batches = (
                         (s, collate([train_set[i] for i in idx], tokenizer.pad_id, cfg.pack,
-                                    model.cfg.vision.num_patches))
+                                    image_positions(model.cfg.vision)))
                         for s, idx in micro_batches(len(train_set), cfg, d, accum, epoch, start))
                     nxt = next(batches)
                 step_in_epoch, batch = nxt
@@ -509,7 +510,7 @@ def main(argv=None) -> int:
                     if batch is None:  # every image of this micro-batch was unreadable and skipped
                         loss = sum((p * 0).sum() for p in trainable)
                     else:
-                        n_text, n_img, n_pad = count_tokens(batch, model.cfg.vision.num_patches)
+                        n_text, n_img, n_pad = count_tokens(batch, image_positions(model.cfg.vision))
                         text_tokens, images, padded = text_tokens + n_text, images + n_img, padded + n_pad
                         _, loss = forward(**to_device(batch, device))
                 (loss / accum).backward()
@@ -533,7 +534,7 @@ def main(argv=None) -> int:
             steps_timed += 1
 
             if it % cfg.log_interval == 0 or it == max_iters:
-                real = text_tokens + images * model.cfg.vision.num_patches
+                real = text_tokens + images * image_positions(model.cfg.vision)
                 seq = real / max(1, cfg.micro_batch * accum)
                 tps = all_mean(real, d, device) * d.world / dt
                 flops = flops_per_step(raw(model), cfg.stage, text_tokens, images, int(seq)) * d.world / dt

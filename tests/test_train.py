@@ -185,3 +185,30 @@ def test_bad_arguments_fail_clearly(world, base, tmp_path):
         train.main(args(world, 2, tmp_path, "--init_from", str(tmp_path / "none")))
     with pytest.raises(SystemExit):
         train.main(["--stage", "7"])
+
+
+def test_stage_zero_saves_the_template_it_trained_with(world, tmp_path):
+    out = tmp_path / "out"
+    assert train.main(args(world, 0, out, "--max_iters", "1", "--eval_questions", "1", "--conv", "vicuna_v1")) == 0
+    assert LlavaMed.from_pretrained(out).cfg.conv_template == "vicuna_v1"
+
+
+def test_cls_patch_images_are_counted_with_their_class_token(world, base):
+    # Under select_feature="cls_patch" an image is num_patches + 1 decoder positions: packing must count
+    # them all, or cu_seqlens no longer covers the spliced row.
+    model = LlavaMed.from_pretrained(base)
+    model.cfg.vision.select_feature = "cls_patch"
+    tokenizer = train.Tokenizer(base / "tokenizer.model")
+    records = train.load_records(world["alignment"])[:3]
+    processor = train.ImageProcessor.for_model(model.cfg.vision.image_size, model.cfg.image_aspect_ratio)
+    cfg = train.TrainConfig(max_len=384)
+    ds = train.build_dataset(records, cfg, train.get_template("plain"), tokenizer, processor, model.cfg,
+                             world["image_folder"], "alignment")
+    items = [ds[i] for i in range(len(ds))]
+    packed = train.collate(items, tokenizer.pad_id, True, train.image_positions(model.cfg.vision))
+    padded = train.collate(items, tokenizer.pad_id)
+    assert train.count_tokens(padded, train.image_positions(model.cfg.vision))[0] + 3 * 17 == packed["cu_seqlens"][-1]
+    with torch.no_grad():
+        _, loss_packed = model(**train.to_device(packed, "cpu"))
+        _, loss_padded = model(**train.to_device(padded, "cpu"))
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-5)
