@@ -212,3 +212,27 @@ def test_cls_patch_images_are_counted_with_their_class_token(world, base):
         _, loss_packed = model(**train.to_device(packed, "cpu"))
         _, loss_padded = model(**train.to_device(padded, "cpu"))
     torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage, images", [(0, 3), (0, 0), (1, 3), (2, 3)])
+def test_model_flops_are_what_the_flop_counter_counts(stage, images):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minillavamed.config import IMAGE_TOKEN_INDEX, preset
+
+    torch.manual_seed(0)
+    model = LlavaMed(preset("tiny"))
+    model.set_attention_backend("naive")  # products the counter sees; a fused kernel hides its recompute
+    train.set_trainable(model, stage)
+    rows, text = 3, 20
+    ids = torch.randint(3, 100, (rows, text))
+    if images:
+        ids[:, 2] = IMAGE_TOKEN_INDEX
+    pixels = torch.randn(images, 3, 64, 64) if images else None
+    text_tokens = int((ids != IMAGE_TOKEN_INDEX).sum())
+    seq = text_tokens // rows + (model.cfg.vision.num_patches if images else 0)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _, loss = model(ids, pixels, labels=ids)
+        loss.backward()
+    assert model.flops(text_tokens, images, seq) == counter.get_total_flops()
