@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 import train
 from minillavamed import LlavaMed
+from minillavamed.data import ImageLoadError
 from minillavamed.synthetic import WorldConfig, generate_world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +96,8 @@ def test_resume_is_exact(world, base, tmp_path):
     split.mkdir()
     shutil.copytree(straight / "checkpoints" / "step-0000003", split / "checkpoints" / "step-0000003")
     (split / "metrics.jsonl").write_text("".join((straight / "metrics.jsonl").read_text().splitlines(True)[:3]))
-    assert train.main(args(world, 2, split, *common, "--resume")) == 0
+    # Resumed with data workers: the same micro-batches, bit for bit, as the straight in-process run.
+    assert train.main(args(world, 2, split, *common, "--resume", "--num_workers", "2")) == 0
     assert losses(split) == losses(straight)  # bit-exact, and metrics.jsonl holds each iteration once
     a, b = load_file(straight / "model.safetensors"), load_file(split / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -236,3 +239,33 @@ def test_model_flops_are_what_the_flop_counter_counts(stage, images):
         _, loss = model(ids, pixels, labels=ids)
         loss.backward()
     assert model.flops(text_tokens, images, seq) == counter.get_total_flops()
+
+
+def test_losses_are_bit_identical_with_any_number_of_data_workers(world, base, tmp_path):
+    runs = {}
+    for workers in (0, 1, 4):
+        out = tmp_path / f"w{workers}"
+        assert train.main(args(world, 1, out, "--init_from", str(base), "--max_iters", "3", "--eval_questions", "1",
+                               "--num_workers", str(workers))) == 0
+        runs[workers] = losses(out)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(0 <= r["data_wait_frac"] <= 1 and r["skipped_images"] == 0 for r in rows)
+    assert runs[0] == runs[1] == runs[4]
+
+
+def test_unreadable_images_are_skipped_and_counted_in_workers(world, base, tmp_path):
+    records = json.loads(Path(world["alignment"]).read_text())
+    for r in records:
+        r["image"] = "missing/" + r["image"]
+    data = tmp_path / "broken.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    argv = args(world, 1, out, "--init_from", str(base), "--max_iters", "2", "--eval_questions", "0",
+                "--eval_data", "", "--num_workers", "2")
+    argv[argv.index("--data") + 1] = str(data)
+    with pytest.raises(ImageLoadError, match="image file not found"):
+        train.main(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one "skipped: ..." per image
+        assert train.main([*argv, "--skip_bad_images"]) == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["skipped_images"] == 2 * 8
