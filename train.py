@@ -100,7 +100,7 @@ class TrainConfig:
     fsdp: bool = False
     pack: bool = False
     peak_tflops: float = 0.0  # for MFU; default from the GPU's name
-    num_workers: int = -1  # data loading processes per rank; -1: up to 8 on GPUs (the cores allow), 0 on CPUs
+    num_workers: int = -1  # data loading processes per rank; -1: up to 4 on GPUs (the cores allow), 0 on CPUs
     skip_bad_images: bool = False
     resume: bool = False
 
@@ -347,9 +347,9 @@ class Collate:
 
 def default_workers() -> int:
     """Data workers per process on a GPU: the cores this node gives each of its processes, one left for
-    the training loop itself, at most 8 (bench/data_speed.py: what the MFU targets need)."""
+    the training loop itself, at most 4 (twice what bench/data_speed.py finds an H100 needs at 7B)."""
     per_process = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(8, per_process - 1))
+    return max(1, min(4, per_process - 1))
 
 
 def make_loader(train_set, cfg: TrainConfig, d: Dist, accum: int, position: dict, collate_fn: Collate,
