@@ -434,13 +434,33 @@ def build_model(cfg: TrainConfig, d: Dist, data: Data, source: Path | None, out:
         if not tokenizer_file.exists():
             raise SystemExit(f"{tokenizer_file}: missing; the checkpoint needs its SentencePiece tokenizer")
         tokenizer = Tokenizer(tokenizer_file)
-        model = LlavaMed.from_pretrained(source, vision_tower=cfg.vision_tower or None)
+        # Read tensor by tensor straight onto the device in the training dtype (a 7B model in bf16 is 15 GB
+        # on each GPU and never whole on the host); parallelize() then makes what trains fp32.
+        weights = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        model = LlavaMed.from_pretrained(source, vision_tower=cfg.vision_tower or None, dtype=weights,
+                                         device=cfg.device)
     if cfg.stage != 1 and cfg.conv:  # stage 1's plain template is for alignment only, never the model's
         model.cfg.conv_template = cfg.conv  # the chat format this model is tuned to, saved with it
     model.set_attention_backend(cfg.attn)
     model.decoder.checkpointing = cfg.grad_ckpt
     set_trainable(model, cfg.stage)
     return model, tokenizer, tokenizer_file
+
+
+def master_weights(module: torch.nn.Module, prefix: str, source: Path | None, device: torch.device) -> None:
+    """Make what trains in `module` (named `prefix` in the model) fp32, the optimizer's master copy: read
+    again from one of our checkpoints (which saves it fp32, so a resumed run continues from the same bits),
+    or else widened from the bf16 read."""
+    from minillavamed.checkpoint import FORMAT, WeightFiles
+
+    narrow = [(n, p) for n, p in module.named_parameters(prefix=prefix) if p.requires_grad and p.dtype != torch.float32]
+    if not narrow:
+        return
+    ours = source is not None and json.loads((source / "config.json").read_text()).get("model_type") == FORMAT
+    files = WeightFiles(source) if ours else None
+    for name, p in narrow:
+        full = files.get(name) if files is not None and name in files.where else p.data
+        p.data = full.to(device, torch.float32)
 
 
 def build_datasets(cfg: TrainConfig, data: Data, model: LlavaMed, template, tokenizer, log):
@@ -473,24 +493,34 @@ def plan_steps(cfg: TrainConfig, d: Dist, samples: int) -> tuple[int, int, int]:
     return cfg.global_batch // per_step, steps_per_epoch, cfg.max_iters or math.ceil(cfg.epochs * steps_per_epoch)
 
 
-def parallelize(model: LlavaMed, cfg: TrainConfig, d: Dist, device: torch.device):
-    """(the module the loop calls, the trainable parameters): FSDP2 shards per decoder block, DDP
-    replicates, one process runs the model as it is."""
-    model.to(device)
+def parallelize(model: LlavaMed, cfg: TrainConfig, d: Dist, device: torch.device, source: Path | None):
+    """(the module the loop calls, the trainable parameters): FSDP2 shards per decoder block and the vision
+    tower as one unit, DDP replicates, one process runs the model as it is. Under bf16, FSDP gathers
+    parameters in bf16 and reduces gradients in fp32 into the fp32 shards of what trains."""
+    model.to(device)  # stage 0's model from scratch; a loaded one is there already
     if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        for block in model.decoder.blocks:
-            fully_shard(block)
-        fully_shard(model)
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if cfg.dtype == "bfloat16" else MixedPrecisionPolicy())
+        # Block by block, so that no GPU ever holds more than one block of fp32 master weights whole.
+        for i, block in enumerate(model.decoder.blocks):
+            master_weights(block, f"decoder.blocks.{i}", source, device)
+            fully_shard(block, mp_policy=mp)
+        master_weights(model.vision, "vision", source, device)
+        fully_shard(model.vision, mp_policy=mp)
+        master_weights(model, "", source, device)
+        fully_shard(model, mp_policy=mp)
         wrapped = model
     elif d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        master_weights(model, "", source, device)
         # Stage 0 mixes text-only and image samples: some micro-batches never touch the vision tower.
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=cfg.stage == 0)
     else:
+        master_weights(model, "", source, device)
         wrapped = model
     return wrapped, [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP swaps parameters
 
@@ -747,12 +777,12 @@ def main(argv=None) -> int:
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         log(f"--resume: no checkpoint in {out}/checkpoints; starting fresh")
-    model, tokenizer, tokenizer_file = build_model(cfg, d, data, resume_from or (Path(cfg.init_from) if cfg.init_from
-                                                                                  else None), out)
+    source = resume_from or (Path(cfg.init_from) if cfg.init_from else None)
+    model, tokenizer, tokenizer_file = build_model(cfg, d, data, source, out)
     template = get_template(cfg.conv or model.cfg.conv_template)
     train_set, val_set = build_datasets(cfg, data, model, template, tokenizer, log)
     accum, steps_per_epoch, max_iters = plan_steps(cfg, d, len(train_set))
-    wrapped, trainable = parallelize(model, cfg, d, device)
+    wrapped, trainable = parallelize(model, cfg, d, device, source)
     optimizer = make_optimizer(trainable, cfg, device)
     it, position = restore(resume_from, model, optimizer, cfg, log)
     run = Run(cfg, d, device, out, model, wrapped, trainable, optimizer, tokenizer, tokenizer_file, template,

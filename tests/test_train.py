@@ -269,3 +269,13 @@ def test_unreadable_images_are_skipped_and_counted_in_workers(world, base, tmp_p
         warnings.simplefilter("ignore")  # one "skipped: ..." per image
         assert train.main([*argv, "--skip_bad_images"]) == 0
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["skipped_images"] == 2 * 8
+
+
+def test_bf16_keeps_frozen_parts_bf16_and_what_trains_fp32(world, base, tmp_path):
+    out = tmp_path / "out"
+    assert train.main(args(world, 2, out, "--init_from", str(base), "--max_iters", "1", "--eval_questions", "1",
+                           "--dtype", "bfloat16")) == 0
+    saved = load_file(out / "model.safetensors")
+    assert saved["vision.blocks.0.fc1.weight"].dtype == torch.bfloat16  # frozen: read and kept in bf16
+    assert saved["decoder.blocks.0.gate_up.weight"].dtype == torch.float32  # trains: fp32 master weights
+    assert saved["projector.linears.0.weight"].dtype == torch.float32
