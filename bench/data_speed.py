@@ -34,7 +34,8 @@ PRESET_AT = {224: "llava-med-v1-7b", 336: "llava-med-v1.5-mistral-7b"}
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", default=str(Path(__file__).resolve().parent.parent.parent / "shared/data/vqa-rad/images"))
+    here = Path(__file__).resolve().parent
+    p.add_argument("--images", default=str(here.parent.parent / "shared/data/vqa-rad/images"))
     p.add_argument("--n", type=int, default=64, help="images per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--micro_batch", type=int, default=16)

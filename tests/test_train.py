@@ -1,4 +1,5 @@
 """train.py: what trains in each stage, exact resume, DDP = one process, FSDP checkpoints, crash safety,
+data workers, the model's FLOP count, bf16 dtypes,
 and the pinned first losses of a seeded tiny run."""
 
 from __future__ import annotations
