@@ -35,7 +35,8 @@ from minillavamed import LlavaMed
 from minillavamed.checkpoint import save_state
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset
 from minillavamed.conversation import get_template, render
-from minillavamed.data import ConversationDataset, ImageProcessor, collate, load_records, questions_from_vqa
+from minillavamed.data import (ConversationDataset, ImageProcessor, collate, image_positions, load_records,
+                               questions_from_vqa)
 from minillavamed.evaluation import score_vqa
 from minillavamed.inference import Assistant, answer_questions
 from minillavamed.tokenizer import Tokenizer, train_tokenizer
@@ -99,7 +100,7 @@ class TrainConfig:
     fsdp: bool = False
     pack: bool = False
     peak_tflops: float = 0.0  # for MFU; default from the GPU's name
-    num_workers: int = 0
+    num_workers: int = -1  # data loading processes per rank; -1: up to 4 on GPUs (the cores allow), 0 on CPUs
     skip_bad_images: bool = False
     resume: bool = False
 
@@ -141,6 +142,8 @@ def fill_defaults(cfg: TrainConfig) -> TrainConfig:
     cfg.device = cfg.device or ("cuda" if cuda else "cpu")
     cfg.dtype = cfg.dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")
     cfg.attn = cfg.attn or ("triton" if cfg.device.startswith("cuda") else "sdpa")
+    if cfg.num_workers < 0:
+        cfg.num_workers = default_workers() if cfg.device.startswith("cuda") else 0
     return cfg
 
 
@@ -174,29 +177,14 @@ def lr_at(it: int, cfg: TrainConfig, total: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def flops_per_step(model: LlavaMed, stage: int, text_tokens: int, images: int, seq_len: int) -> float:
-    """Model FLOPs of one optimizer step: 2 per MAC forward, 2x more backward for what trains (weights and
-    inputs), 1x more for frozen parts that gradients pass through (inputs only), none for frozen parts
-    upstream of everything that trains (stage >= 1's vision tower). Attention counted without causal savings."""
-    v, d = model.cfg.vision, model.cfg.decoder
-    dec_params = sum(p.numel() for n, p in model.decoder.named_parameters() if not n.startswith("embed"))
-    vis_params = sum(p.numel() for b in model.vision.blocks[: model.vision.n_run] for p in b.parameters())
-    proj_params = sum(p.numel() for p in model.projector.parameters())
-    dec_factor = 3 if stage != 1 else 2
-    vis_factor = 3 if stage == 0 else 1
-    tokens = text_tokens + images * v.num_patches
-    decoder = dec_factor * (2 * dec_params * tokens + 4 * d.layers * d.dim * seq_len * tokens)
-    vision = vis_factor * images * (2 * vis_params * (v.num_patches + 1) + 4 * model.vision.n_run * v.width *
-                                    (v.num_patches + 1) ** 2)
-    return decoder + vision + 3 * 2 * proj_params * images * v.num_patches
-
-
 # ------------------------------------------------------------------------------------------- processes
 @dataclass
 class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # Host-side flags (the stop signal) are reduced over gloo, so that checking them never waits for a GPU.
+    cpu_group: object = None
 
     @property
     def master(self) -> bool:
@@ -211,6 +199,7 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
         cfg.device = f"cuda:{d.local_rank}"
         torch.cuda.set_device(cfg.device)
     dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    d.cpu_group = dist.new_group(backend="gloo") if cfg.device.startswith("cuda") else None
     return d
 
 
@@ -219,12 +208,11 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def all_mean(x: float, d: Dist, device) -> float:
-    if d.world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / d.world
+def all_sum(t: torch.Tensor, d: Dist, group=None, op=None) -> torch.Tensor:
+    """`t` summed (or reduced by `op`) over the processes, in place."""
+    if d.world > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+    return t
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -311,9 +299,465 @@ def micro_batches(n: int, cfg: TrainConfig, d: Dist, accum: int, epoch: int, sta
             yield step, batch[k * cfg.micro_batch:(k + 1) * cfg.micro_batch]
 
 
+class RunBatches(torch.utils.data.Sampler):
+    """This rank's micro-batches from (epoch, step) to the end of the run, epoch after epoch, in the order
+    `micro_batches` defines: one DataLoader iterator serves the whole run, so its workers start once and
+    keep prefetching across epoch boundaries."""
+
+    def __init__(self, n: int, cfg: TrainConfig, d: Dist, accum: int, position: dict):
+        self.n, self.cfg, self.d, self.accum, self.position = n, cfg, d, accum, position
+
+    def __iter__(self):
+        epoch, start = self.position["epoch"], self.position["step"]
+        while True:
+            for _, indices in micro_batches(self.n, self.cfg, self.d, self.accum, epoch, start):
+                yield indices
+            epoch, start = epoch + 1, 0
+
+
+@dataclass
+class MicroBatch:
+    """What a data worker hands the loop: the collated batch (None when every image in it was unreadable)
+    and its counts, taken on the host so that the loop never reads them back from the device."""
+
+    batch: dict | None
+    skipped: int
+    text_tokens: int = 0
+    images: int = 0
+    padding: int = 0
+
+    def pin_memory(self) -> "MicroBatch":  # what DataLoader(pin_memory=True) calls on a custom type
+        if self.batch is not None:
+            self.batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in self.batch.items()}
+        return self
+
+
+@dataclass
+class Collate:
+    pad_id: int
+    pack: bool
+    image_tokens: int  # decoder positions per image
+
+    def __call__(self, items: list) -> MicroBatch:
+        batch = collate(items, self.pad_id, self.pack, self.image_tokens)
+        if batch is None:
+            return MicroBatch(None, len(items))
+        return MicroBatch(batch, batch["skipped"], *count_tokens(batch, self.image_tokens))
+
+
+def default_workers() -> int:
+    """Data workers per process on a GPU: the cores this node gives each of its processes, one left for
+    the training loop itself, at most 4 (twice what bench/data_speed.py finds an H100 needs at 7B)."""
+    per_process = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(4, per_process - 1))
+
+
+def make_loader(train_set, cfg: TrainConfig, d: Dist, accum: int, position: dict, collate_fn: Collate,
+                pin: bool):
+    """The training micro-batches in `micro_batches` order from `position` on, decoded by cfg.num_workers
+    processes (0: this one), each 4 micro-batches ahead, into pinned memory when `pin` (GPUs)."""
+    sampler = RunBatches(len(train_set), cfg, d, accum, dict(position))
+    workers = cfg.num_workers
+    return torch.utils.data.DataLoader(
+        train_set, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers, pin_memory=pin,
+        prefetch_factor=4 if workers else None,
+        # Workers forked here inherit nothing random that matters (the data path is deterministic); a
+        # private generator keeps the loader from drawing its worker seed from the training RNG.
+        generator=torch.Generator().manual_seed(cfg.seed))
+
+
 def build_dataset(records, cfg, template, tokenizer, processor, model_cfg, image_folder, source):
     return ConversationDataset(records, image_folder, template, tokenizer, processor, cfg.max_len,
-                               model_cfg.vision.num_patches, skip_bad_images=cfg.skip_bad_images, source=source)
+                               image_positions(model_cfg.vision), skip_bad_images=cfg.skip_bad_images, source=source)
+
+
+def count_tokens(batch: dict, patches: int) -> tuple[int, int, int]:
+    """(text tokens, images, padding positions) of a collated batch, counted after image splicing."""
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    is_image = ids == IMAGE_TOKEN_INDEX
+    real_text = (ids >= 0) if mask is None else (mask.bool() & ~is_image)
+    per_row = real_text.sum(1) + is_image.sum(1) * patches
+    return int(real_text.sum()), int(is_image.sum()), int(per_row.max() * ids.shape[0] - per_row.sum())
+
+
+def to_device(batch: dict, device) -> dict:
+    keep = ("input_ids", "pixel_values", "attention_mask", "labels", "cu_seqlens", "max_seqlen")
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items() if k in keep}
+
+
+# ------------------------------------------------------------------------------------------ the run's steps
+@dataclass
+class Data:
+    files: list
+    records: list
+    image_folder: str | None
+    eval_file: str
+    world: dict | None  # the synthetic world's paths, when it is the data
+
+
+def find_data(cfg: TrainConfig, d: Dist) -> Data:
+    """The stage's records: --data, or the synthetic world's file for the stage (generated by rank 0)."""
+    world = None
+    if cfg.data:
+        files, image_folder = [cfg.data], cfg.image_folder or None
+    else:
+        if d.master:
+            synthetic_paths(cfg.stage)
+        barrier(d)
+        world, files = synthetic_paths(cfg.stage)
+        image_folder = world["image_folder"]
+    eval_file = cfg.eval_data or (world["vqa_test"] if world else "")
+    return Data(files, [r for f in files for r in load_records(f)], image_folder, eval_file, world)
+
+
+def build_model(cfg: TrainConfig, d: Dist, data: Data, source: Path | None, out: Path):
+    """(model, tokenizer, tokenizer file): the checkpoint the stage starts from, or for stage 0 from
+    scratch a SentencePiece tokenizer trained on the world's text and a random model of the preset."""
+    if source is None:
+        tok_dir = out / "tokenizer"
+        mcfg = preset(cfg.preset)
+        if d.master and not (tok_dir / "tokenizer.model").exists():
+            # Rendered conversations, so that the template's own markers ([INST] ...) become pieces too.
+            chat = get_template(cfg.conv or mcfg.conv_template)
+            texts = [render(chat, r["conversations"]).replace("<image>", "") for r in data.records]
+            texts += [r["fig_caption"] for r in load_records(data.world["pmc"])] if data.world else []
+            train_tokenizer(texts, tok_dir, mcfg.decoder.vocab_size)
+        barrier(d)
+        tokenizer_file = tok_dir / "tokenizer.model"
+        tokenizer = Tokenizer(tokenizer_file)
+        mcfg.decoder.vocab_size = tokenizer.vocab_size
+        mcfg.decoder.bos_id, mcfg.decoder.eos_id = tokenizer.bos_id, tokenizer.eos_id
+        mcfg.decoder.pad_id = tokenizer.pad_id
+        model = LlavaMed(mcfg)
+    else:
+        tokenizer_file = source / "tokenizer.model"
+        if not tokenizer_file.exists():
+            raise SystemExit(f"{tokenizer_file}: missing; the checkpoint needs its SentencePiece tokenizer")
+        tokenizer = Tokenizer(tokenizer_file)
+        # Read tensor by tensor straight onto the device in the training dtype (a 7B model in bf16 is 15 GB
+        # on each GPU and never whole on the host); parallelize() then makes what trains fp32.
+        weights = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        model = LlavaMed.from_pretrained(source, vision_tower=cfg.vision_tower or None, dtype=weights,
+                                         device=cfg.device)
+    if cfg.stage != 1 and cfg.conv:  # stage 1's plain template is for alignment only, never the model's
+        model.cfg.conv_template = cfg.conv  # the chat format this model is tuned to, saved with it
+    model.set_attention_backend(cfg.attn)
+    model.decoder.checkpointing = cfg.grad_ckpt
+    set_trainable(model, cfg.stage)
+    return model, tokenizer, tokenizer_file
+
+
+def master_weights(module: torch.nn.Module, prefix: str, source: Path | None, device: torch.device) -> None:
+    """Make what trains in `module` (named `prefix` in the model) fp32, the optimizer's master copy: read
+    again from one of our checkpoints (which saves it fp32, so a resumed run continues from the same bits),
+    or else widened from the bf16 read."""
+    from minillavamed.checkpoint import FORMAT, WeightFiles
+
+    narrow = [(n, p) for n, p in module.named_parameters(prefix=prefix) if p.requires_grad and p.dtype != torch.float32]
+    if not narrow:
+        return
+    ours = source is not None and json.loads((source / "config.json").read_text()).get("model_type") == FORMAT
+    files = WeightFiles(source) if ours else None
+    for name, p in narrow:
+        full = files.get(name) if files is not None and name in files.where else p.data
+        p.data = full.to(device, torch.float32)
+
+
+def build_datasets(cfg: TrainConfig, data: Data, model: LlavaMed, template, tokenizer, log):
+    """(train, validation): the validation records are a fixed random sample, the same in every run with
+    this seed."""
+    records = data.records
+    if len(records) <= cfg.val_size:
+        raise SystemExit(f"{data.files}: {len(records)} records, not enough to hold out {cfg.val_size} for validation")
+    processor = ImageProcessor.for_model(model.cfg.vision.image_size, model.cfg.image_aspect_ratio)
+    held = set(torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.val_size].tolist())
+    source = ",".join(data.files)
+    train_set = build_dataset([r for i, r in enumerate(records) if i not in held], cfg, template, tokenizer,
+                              processor, model.cfg, data.image_folder, source)
+    val_set = build_dataset([records[i] for i in sorted(held)], cfg, template, tokenizer, processor, model.cfg,
+                            data.image_folder, source)
+    for name, ds in (("train", train_set), ("val", val_set)):
+        if ds.dropped:
+            log(f"{name}: dropped {dict(ds.dropped)}")
+    return train_set, val_set
+
+
+def plan_steps(cfg: TrainConfig, d: Dist, samples: int) -> tuple[int, int, int]:
+    """(micro-batches per step and process, optimizer steps per epoch, steps in the run)."""
+    per_step = cfg.micro_batch * d.world
+    if cfg.global_batch % per_step:
+        raise SystemExit(f"global batch {cfg.global_batch} is not a multiple of micro_batch x processes = {per_step}")
+    steps_per_epoch = samples // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{samples} training samples: fewer than one global batch of {cfg.global_batch}")
+    return cfg.global_batch // per_step, steps_per_epoch, cfg.max_iters or math.ceil(cfg.epochs * steps_per_epoch)
+
+
+def parallelize(model: LlavaMed, cfg: TrainConfig, d: Dist, device: torch.device, source: Path | None):
+    """(the module the loop calls, the trainable parameters): FSDP2 shards per decoder block and the vision
+    tower as one unit, DDP replicates, one process runs the model as it is. Under bf16, FSDP gathers
+    parameters in bf16 and reduces gradients in fp32 into the fp32 shards of what trains."""
+    model.to(device)  # stage 0's model from scratch; a loaded one is there already
+    if cfg.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if cfg.dtype == "bfloat16" else MixedPrecisionPolicy())
+        # Block by block, so that no GPU ever holds more than one block of fp32 master weights whole.
+        for i, block in enumerate(model.decoder.blocks):
+            master_weights(block, f"decoder.blocks.{i}", source, device)
+            fully_shard(block, mp_policy=mp)
+        master_weights(model.vision, "vision", source, device)
+        fully_shard(model.vision, mp_policy=mp)
+        master_weights(model, "", source, device)
+        fully_shard(model, mp_policy=mp)
+        wrapped = model
+    elif d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        master_weights(model, "", source, device)
+        # Stage 0 mixes text-only and image samples: some micro-batches never touch the vision tower.
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=cfg.stage == 0)
+    else:
+        master_weights(model, "", source, device)
+        wrapped = model
+    return wrapped, [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP swaps parameters
+
+
+def make_optimizer(trainable: list, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                             eps=1e-8, foreach=device.type == "cuda")
+
+
+def restore(resume_from: Path | None, model, optimizer, cfg: TrainConfig, log) -> tuple[int, dict]:
+    """(iteration, data position) to start from: the checkpoint's optimizer, RNG and place in the data."""
+    if resume_from is None:
+        return 0, {"epoch": 0, "step": 0}
+    state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=False)
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    log(f"resumed from {resume_from} at iter {state['iter']}")
+    return state["iter"], state["position"]
+
+
+@dataclass
+class Run:
+    """Everything the loop and the evaluation read, built by main() step by step."""
+
+    cfg: TrainConfig
+    d: Dist
+    device: torch.device
+    out: Path
+    model: LlavaMed  # the module itself (FSDP shards it in place)
+    wrapped: torch.nn.Module  # what forward passes go through: DDP, or the model
+    trainable: list
+    optimizer: torch.optim.Optimizer
+    tokenizer: Tokenizer
+    tokenizer_file: Path
+    template: object
+    train_set: ConversationDataset
+    val_set: ConversationDataset
+    data: Data
+    accum: int
+    steps_per_epoch: int
+    max_iters: int
+
+    def log(self, msg: str) -> None:
+        if self.d.master:
+            print(msg, flush=True)
+
+    @property
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.dtype == "bfloat16" else nullcontext()
+
+
+def evaluate(run: Run, it: int) -> dict:
+    """Validation loss (all ranks, each on its slice) and VQA scores (rank 0; every rank under FSDP)."""
+    cfg, d, model = run.cfg, run.d, run.model
+    run.wrapped.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=run.device)  # (sum of batch losses, batches)
+    with torch.no_grad(), run.autocast:
+        for k in range(d.rank * cfg.micro_batch, len(run.val_set), cfg.micro_batch * d.world):
+            rows = range(k, min(k + cfg.micro_batch, len(run.val_set)))
+            b = collate([run.val_set[i] for i in rows], run.tokenizer.pad_id)
+            if b is not None:
+                total += torch.stack([run.wrapped(**to_device(b, run.device))[1].double(), total.new_ones(())])
+    losses, batches = all_sum(total, d).tolist()
+    result = {"iter": it, "val_loss": losses / max(1.0, batches)}
+    eval_gt = load_records(run.data.eval_file)[: cfg.eval_questions or None] if run.data.eval_file else []
+    if eval_gt and (d.master or cfg.fsdp):
+        assistant = Assistant.for_model(raw(model), run.tokenizer)
+        if cfg.fsdp:  # generate() calls submodules directly, so gather the root's shards by hand
+            model.unshard()
+        with run.autocast:
+            answers = answer_questions(assistant, questions_from_vqa(eval_gt), run.data.image_folder, batch_size=32,
+                                       max_new_tokens=32)
+        if cfg.fsdp:
+            model.reshard()
+        scores = score_vqa(eval_gt, {str(r["id"]): a for r, a in zip(eval_gt, answers)})["scores"]
+        closed, opened = scores.get("CLOSED", {}), scores.get("OPEN", {})
+        result.update(closed_accuracy=(closed.get("closed_accuracy") or 0) / 100,
+                      open_recall=(opened.get("open_recall") or 0) / 100, n_questions=len(eval_gt))
+        if d.master:
+            (run.out / "eval.json").write_text(json.dumps(result, indent=2))
+    barrier(d)
+    run.wrapped.train()
+    return result
+
+
+class Meter:
+    """What the loop adds up between log lines: the losses stay on the device and the counts on the host,
+    so that nothing waits for the GPU until the line is written."""
+
+    def __init__(self, device: torch.device, max_iters: int):
+        self.device, self.max_iters = device, max_iters
+        # The first iteration whose loss or gradient norm was not finite (max_iters + 1: none yet), kept on
+        # the device and read only at log lines and checkpoints.
+        self.first_bad = torch.tensor(max_iters + 1, device=device)
+        self.skipped = 0
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.t0, self.steps, self.wait, self.flops = now, 0, 0.0, 0.0
+        self.text_tokens = self.images = self.padding = 0
+
+    def add(self, mb: MicroBatch) -> None:
+        self.text_tokens, self.images = self.text_tokens + mb.text_tokens, self.images + mb.images
+        self.padding, self.skipped = self.padding + mb.padding, self.skipped + mb.skipped
+
+    def check(self, it: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self.first_bad = torch.where(finite | (self.first_bad <= it), self.first_bad, it)
+
+    def bad_iteration(self, d: Dist) -> int | None:
+        """The first non-finite iteration on any rank so far, or None (this reads the device)."""
+        bad = int(all_sum(self.first_bad.clone(), d, op=dist.ReduceOp.MIN))
+        return bad if bad <= self.max_iters else None
+
+
+def train(run: Run, it: int, position: dict) -> int:
+    """The loop: gradient accumulation over micro-batches, one optimizer step per global batch, logs,
+    evaluations and checkpoints at their intervals; 0 when done, 1 on a non-finite loss, 128 + signal
+    when stopped by one."""
+    cfg, d, model, device, out = run.cfg, run.d, run.model, run.device, run.out
+    image_tokens = image_positions(model.cfg.vision)
+    loader = make_loader(run.train_set, cfg, d, run.accum, position,
+                         Collate(run.tokenizer.pad_id, cfg.pack, image_tokens), pin=device.type == "cuda")
+    batches = iter(loader)
+    peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
+                                    if device.type == "cuda" and k in torch.cuda.get_device_name(device)), 0.0)
+    if d.master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        metrics_path = out / "metrics.jsonl"
+        if metrics_path.exists():  # drop lines past the resumed iteration, so none are repeated
+            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["iter"] <= it]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+        metrics = open(metrics_path, "a")
+    run.log(f"stage {cfg.stage}: {len(run.train_set)} samples, {run.max_iters} iters of {cfg.global_batch} "
+            f"({run.accum} x {cfg.micro_batch} x {d.world} procs), "
+            f"{sum(p.numel() for p in run.trainable) / 1e6:.2f}M trainable of "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, template {run.template.name}, "
+            f"{cfg.device} {cfg.dtype}, {cfg.num_workers} data workers")
+
+    def stop_if_not_finite() -> bool:
+        bad = meter.bad_iteration(d)
+        if bad is not None:
+            last = latest_checkpoint(out)
+            run.log(f"error: the loss or gradient norm at iter {bad} is not finite; stopping. "
+                    f"The last good checkpoint is {last or 'none (no checkpoint was written yet)'}.")
+        return bad is not None
+
+    forward = torch.compile(run.wrapped) if cfg.compile else run.wrapped
+    epoch, start = position["epoch"], position["step"]
+    meter = Meter(device, run.max_iters)
+    t_start, steps_timed = time.perf_counter(), 0
+    run.wrapped.train()
+    with stop_signals() as stop_signal:
+        while it < run.max_iters:
+            if start >= run.steps_per_epoch:
+                epoch, start = epoch + 1, 0
+            loss_sum, step_text, step_images = torch.zeros((), device=device), 0, 0
+            for j in range(run.accum):
+                t_wait = time.perf_counter()
+                mb = next(batches)
+                meter.wait += time.perf_counter() - t_wait
+                meter.add(mb)
+                step_text, step_images = step_text + mb.text_tokens, step_images + mb.images
+                # Gradients are reduced across processes once per optimizer step, after the last micro-batch.
+                last = j == run.accum - 1
+                if cfg.fsdp:
+                    model.set_requires_gradient_sync(last)
+                no_sync = not last and hasattr(run.wrapped, "no_sync")
+                with run.wrapped.no_sync() if no_sync else nullcontext(), run.autocast:
+                    if mb.batch is None:  # every image of this micro-batch was unreadable and skipped
+                        loss = sum((p * 0).sum() for p in run.trainable)
+                    else:
+                        _, loss = forward(**to_device(mb.batch, device))
+                (loss / run.accum).backward()
+                loss_sum += loss.detach() / run.accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
+            meter.check(it + 1, loss_sum, grad_norm)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr_at(it, cfg, run.max_iters)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            it, start = it + 1, start + 1
+            meter.steps += 1
+            row_length = (step_text + step_images * image_tokens) // (cfg.micro_batch * run.accum)
+            meter.flops += model.flops(step_text, step_images, max(1, row_length))
+            steps_timed += 1
+
+            if it % cfg.log_interval == 0 or it == run.max_iters:
+                if stop_if_not_finite():
+                    return 1
+                loss_avg = float(all_sum(loss_sum, d)) / d.world
+                now = time.perf_counter()
+                dt = now - meter.t0
+                real = meter.text_tokens + meter.images * image_tokens
+                counts = all_sum(torch.tensor([real, meter.padding], dtype=torch.float64), d, d.cpu_group)
+                tokens, padded = counts.tolist()
+                flops = all_sum(torch.tensor([meter.flops], dtype=torch.float64), d, d.cpu_group).item() / dt
+                mfu = flops / (peak * 1e12) if peak else None
+                eta = (now - t_start) / steps_timed * (run.max_iters - it)
+                row = {"iter": it, "loss": loss_avg, "lr": run.optimizer.param_groups[0]["lr"],
+                       "grad_norm": float(grad_norm), "tokens_per_s": tokens / dt,
+                       "pad_frac": padded / max(1, padded + tokens), "mfu": mfu, "epoch": epoch,
+                       "data_wait_frac": meter.wait / dt, "skipped_images": meter.skipped}
+                run.log(f"iter {it}/{run.max_iters} loss {loss_avg:.4f} lr {row['lr']:.2e} "
+                        f"gnorm {row['grad_norm']:.2f} {row['tokens_per_s']:,.0f} tok/s pad {row['pad_frac']:.0%}"
+                        + (f" mfu {mfu:.1%}" if mfu is not None else "")
+                        + f" data {row['data_wait_frac']:.0%}" + (f" skipped {meter.skipped}" if meter.skipped else "")
+                        + f" eta {eta / 60:.1f}m")
+                if d.master:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                meter.reset(time.perf_counter())
+
+            position = {"epoch": epoch, "step": start}
+            stopping = bool(all_sum(torch.tensor([float(bool(stop_signal))]), d, d.cpu_group))
+            if cfg.eval_interval and it % cfg.eval_interval == 0 and it < run.max_iters:
+                run.log(f"eval {json.dumps(evaluate(run, it))}")
+            if it % cfg.ckpt_interval == 0 or it == run.max_iters or stopping:
+                if stop_if_not_finite():
+                    return 1
+                save_checkpoint(out, it, run.wrapped, run.optimizer, cfg, d, run.tokenizer_file, position)
+            if stopping:
+                run.log(f"interrupted at iter {it}: checkpoint saved in {out}; continue with --resume")
+                return 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
+
+    run.log(f"eval {json.dumps(evaluate(run, it))}")
+    if d.master:
+        metrics.close()
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -329,255 +773,21 @@ def main(argv=None) -> int:
     out = Path(cfg.out_dir)
     log = print if d.master else (lambda *a, **k: None)
 
-    # ---- data files ----
-    world = None
-    if cfg.data:
-        files, image_folder = [cfg.data], cfg.image_folder or None
-    else:
-        if d.master:
-            synthetic_paths(cfg.stage)
-        barrier(d)
-        world, files = synthetic_paths(cfg.stage)
-        image_folder = world["image_folder"]
-    eval_file = cfg.eval_data or (world["vqa_test"] if world else "")
-
-    # ---- model and tokenizer ----
+    data = find_data(cfg, d)
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         log(f"--resume: no checkpoint in {out}/checkpoints; starting fresh")
     source = resume_from or (Path(cfg.init_from) if cfg.init_from else None)
-    records = [r for f in files for r in load_records(f)]
-    if source is None:  # stage 0 from scratch: a tokenizer trained on the world's text, then a random model
-        tok_dir = out / "tokenizer"
-        mcfg = preset(cfg.preset)
-        if d.master and not (tok_dir / "tokenizer.model").exists():
-            # Rendered conversations, so that the template's own markers ([INST] ...) become pieces too.
-            chat = get_template(cfg.conv or mcfg.conv_template)
-            texts = [render(chat, r["conversations"]).replace("<image>", "") for r in records]
-            texts += [r["fig_caption"] for r in load_records(world["pmc"])] if world else []
-            train_tokenizer(texts, tok_dir, mcfg.decoder.vocab_size)
-        barrier(d)
-        tokenizer_file = tok_dir / "tokenizer.model"
-        tokenizer = Tokenizer(tokenizer_file)
-        mcfg.decoder.vocab_size = tokenizer.vocab_size
-        mcfg.decoder.bos_id, mcfg.decoder.eos_id = tokenizer.bos_id, tokenizer.eos_id
-        mcfg.decoder.pad_id = tokenizer.pad_id
-        model = LlavaMed(mcfg)
-    else:
-        tokenizer_file = source / "tokenizer.model"
-        if not tokenizer_file.exists():
-            raise SystemExit(f"{tokenizer_file}: missing; the checkpoint needs its SentencePiece tokenizer")
-        tokenizer = Tokenizer(tokenizer_file)
-        model = LlavaMed.from_pretrained(source, vision_tower=cfg.vision_tower or None)
-    if cfg.stage >= 2 and cfg.conv:
-        model.cfg.conv_template = cfg.conv  # the chat format this model is tuned to, saved with it
+    model, tokenizer, tokenizer_file = build_model(cfg, d, data, source, out)
     template = get_template(cfg.conv or model.cfg.conv_template)
-    model.set_attention_backend(cfg.attn)
-    model.decoder.checkpointing = cfg.grad_ckpt
-    set_trainable(model, cfg.stage)
-    model.to(device)
-    processor = ImageProcessor.for_model(model.cfg.vision.image_size, model.cfg.image_aspect_ratio)
-
-    if len(records) <= cfg.val_size:
-        raise SystemExit(f"{files}: {len(records)} records, not enough to hold out {cfg.val_size} for validation")
-    # The validation records are a fixed random sample, the same in every run with this seed.
-    held = set(torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.val_size].tolist())
-    train_set = build_dataset([r for i, r in enumerate(records) if i not in held], cfg, template, tokenizer,
-                              processor, model.cfg, image_folder, ",".join(files))
-    val_set = build_dataset([records[i] for i in sorted(held)], cfg, template, tokenizer, processor, model.cfg,
-                            image_folder, ",".join(files))
-    for name, ds in (("train", train_set), ("val", val_set)):
-        if ds.dropped:
-            log(f"{name}: dropped {dict(ds.dropped)}")
-
-    per_step = cfg.micro_batch * d.world
-    if cfg.global_batch % per_step:
-        raise SystemExit(f"global batch {cfg.global_batch} is not a multiple of micro_batch x processes = {per_step}")
-    accum = cfg.global_batch // per_step
-    steps_per_epoch = len(train_set) // cfg.global_batch
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_set)} training samples: fewer than one global batch of {cfg.global_batch}")
-    max_iters = cfg.max_iters or math.ceil(cfg.epochs * steps_per_epoch)
-
-    # ---- optimizer, parallelism ----
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.decoder.blocks:
-            fully_shard(block)
-        fully_shard(model)
-        ddp_model = model
-    elif d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # Stage 0 mixes text-only and image samples: some micro-batches never touch the vision tower.
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        find_unused_parameters=cfg.stage == 0)
-    else:
-        ddp_model = model
-    trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP swaps parameters
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                                  eps=1e-8, foreach=device.type == "cuda")
-    forward = torch.compile(ddp_model) if cfg.compile else ddp_model
-    it, position = 0, {"epoch": 0, "step": 0}
-    if resume_from is not None:
-        state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=False)
-        if cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        it, position = state["iter"], state["position"]
-        set_rng_state(state["rng"])
-        log(f"resumed from {resume_from} at iter {it}")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext())
-    peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
-                                    if device.type == "cuda" and k in torch.cuda.get_device_name(device)), 0.0)
-
-    if d.master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        metrics_path = out / "metrics.jsonl"
-        if metrics_path.exists():  # drop lines past the resumed iteration, so none are repeated
-            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["iter"] <= it]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
-        metrics = open(metrics_path, "a")
-    trainable_n = sum(p.numel() for p in trainable)
-    log(f"stage {cfg.stage}: {len(train_set)} samples, {max_iters} iters of {cfg.global_batch} "
-        f"({accum} x {cfg.micro_batch} x {d.world} procs), {trainable_n / 1e6:.2f}M trainable of "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, template {template.name}, {cfg.device} {cfg.dtype}")
-
-    eval_gt = load_records(eval_file)[: cfg.eval_questions or None] if eval_file else []
-    with stop_signals() as stop_signal:
-
-        def evaluate() -> dict:
-            """Validation loss (all ranks, each on its slice) and VQA scores (rank 0; every rank under FSDP)."""
-            ddp_model.eval()
-            losses = []
-            with torch.no_grad(), autocast:
-                for k in range(d.rank * cfg.micro_batch, len(val_set), cfg.micro_batch * d.world):
-                    rows = range(k, min(k + cfg.micro_batch, len(val_set)))
-                    b = collate([val_set[i] for i in rows], tokenizer.pad_id)
-                    if b is not None:
-                        losses.append(float(ddp_model(**to_device(b, device))[1]))
-            result = {"iter": it, "val_loss": all_mean(sum(losses) / max(1, len(losses)), d, device)}
-            if eval_gt and (d.master or cfg.fsdp):
-                assistant = Assistant.for_model(raw(model), tokenizer)
-                if cfg.fsdp:  # generate() calls submodules directly, so gather the root's shards by hand
-                    model.unshard()
-                with autocast:
-                    answers = answer_questions(assistant, questions_from_vqa(eval_gt), image_folder, batch_size=32,
-                                               max_new_tokens=32)
-                if cfg.fsdp:
-                    model.reshard()
-                scores = score_vqa(eval_gt, {str(r["id"]): a for r, a in zip(eval_gt, answers)})["scores"]
-                closed, opened = scores.get("CLOSED", {}), scores.get("OPEN", {})
-                result.update(closed_accuracy=(closed.get("closed_accuracy") or 0) / 100,
-                              open_recall=(opened.get("open_recall") or 0) / 100, n_questions=len(eval_gt))
-                if d.master:
-                    (out / "eval.json").write_text(json.dumps(result, indent=2))
-            barrier(d)
-            ddp_model.train()
-            return result
-
-        # ---- the loop ----
-        ddp_model.train()
-        epoch, start = position["epoch"], position["step"]
-        batches = iter(())
-        t_start, steps_timed = time.perf_counter(), 0
-        while it < max_iters:
-            t0 = time.perf_counter()
-            loss_sum, padded, text_tokens, images = 0.0, 0, 0, 0
-            for j in range(accum):
-                nxt = next(batches, None)
-                if nxt is None:  # epoch boundary (or first pass)
-                    if start >= steps_per_epoch:
-                        epoch, start = epoch + 1, 0
-                    batches = (
-                        (s, collate([train_set[i] for i in idx], tokenizer.pad_id, cfg.pack,
-                                    model.cfg.vision.num_patches))
-                        for s, idx in micro_batches(len(train_set), cfg, d, accum, epoch, start))
-                    nxt = next(batches)
-                step_in_epoch, batch = nxt
-                # Gradients are reduced across processes once per optimizer step, after the last micro-batch.
-                last = j == accum - 1
-                if cfg.fsdp:
-                    model.set_requires_gradient_sync(last)
-                with (nullcontext() if last or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync()), autocast:
-                    if batch is None:  # every image of this micro-batch was unreadable and skipped
-                        loss = sum((p * 0).sum() for p in trainable)
-                    else:
-                        n_text, n_img, n_pad = count_tokens(batch, model.cfg.vision.num_patches)
-                        text_tokens, images, padded = text_tokens + n_text, images + n_img, padded + n_pad
-                        _, loss = forward(**to_device(batch, device))
-                (loss / accum).backward()
-                loss_sum += float(loss.detach()) / accum
-            start = step_in_epoch + 1
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-                grad_norm = grad_norm.full_tensor()
-            loss_avg = all_mean(loss_sum, d, device)
-            if not math.isfinite(loss_avg) or not torch.isfinite(grad_norm):
-                last = latest_checkpoint(out)
-                log(f"error: loss {loss_avg} / grad norm {float(grad_norm)} at iter {it} is not finite; stopping. "
-                    f"The last good checkpoint is {last or 'none (no checkpoint was written yet)'}.")
-                return 1
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(it, cfg, max_iters)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            it += 1
-            dt = time.perf_counter() - t0
-            steps_timed += 1
-
-            if it % cfg.log_interval == 0 or it == max_iters:
-                real = text_tokens + images * model.cfg.vision.num_patches
-                seq = real / max(1, cfg.micro_batch * accum)
-                tps = all_mean(real, d, device) * d.world / dt
-                flops = flops_per_step(raw(model), cfg.stage, text_tokens, images, int(seq)) * d.world / dt
-                mfu = flops / (peak * 1e12) if peak else None
-                eta = (time.perf_counter() - t_start) / steps_timed * (max_iters - it)
-                row = {"iter": it, "loss": loss_avg, "lr": optimizer.param_groups[0]["lr"],
-                       "grad_norm": float(grad_norm),
-                       "tokens_per_s": tps, "pad_frac": padded / max(1, padded + real), "mfu": mfu, "epoch": epoch}
-                log(f"iter {it}/{max_iters} loss {loss_avg:.4f} lr {row['lr']:.2e} gnorm {row['grad_norm']:.2f} "
-                    f"{tps:,.0f} tok/s pad {row['pad_frac']:.0%}" + (f" mfu {mfu:.1%}" if mfu is not None else "")
-                    + f" eta {eta / 60:.1f}m")
-                if d.master:
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-
-            position = {"epoch": epoch, "step": start}
-            stopping = bool(all_mean(float(bool(stop_signal)), d, device))
-            if cfg.eval_interval and it % cfg.eval_interval == 0 and it < max_iters:
-                result = evaluate()
-                log(f"eval {json.dumps(result)}")
-            if it % cfg.ckpt_interval == 0 or it == max_iters or stopping:
-                save_checkpoint(out, it, ddp_model, optimizer, cfg, d, tokenizer_file, position)
-            if stopping:
-                log(f"interrupted at iter {it}: checkpoint saved in {out}; continue with --resume")
-                return 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
-
-        log(f"eval {json.dumps(evaluate())}")
-        if d.master:
-            metrics.close()
-        return 0
-
-
-def count_tokens(batch: dict, patches: int) -> tuple[int, int, int]:
-    """(text tokens, images, padding positions) of a collated batch, counted after image splicing."""
-    ids, mask = batch["input_ids"], batch.get("attention_mask")
-    is_image = ids == IMAGE_TOKEN_INDEX
-    real_text = (ids >= 0) if mask is None else (mask.bool() & ~is_image)
-    per_row = real_text.sum(1) + is_image.sum(1) * patches
-    return int(real_text.sum()), int(is_image.sum()), int(per_row.max() * ids.shape[0] - per_row.sum())
-
-
-def to_device(batch: dict, device) -> dict:
-    keep = ("input_ids", "pixel_values", "attention_mask", "labels", "cu_seqlens", "max_seqlen")
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k in keep}
+    train_set, val_set = build_datasets(cfg, data, model, template, tokenizer, log)
+    accum, steps_per_epoch, max_iters = plan_steps(cfg, d, len(train_set))
+    wrapped, trainable = parallelize(model, cfg, d, device, source)
+    optimizer = make_optimizer(trainable, cfg, device)
+    it, position = restore(resume_from, model, optimizer, cfg, log)
+    run = Run(cfg, d, device, out, model, wrapped, trainable, optimizer, tokenizer, tokenizer_file, template,
+              train_set, val_set, data, accum, steps_per_epoch, max_iters)
+    return train(run, it, position)
 
 
 if __name__ == "__main__":

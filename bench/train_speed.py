@@ -1,8 +1,8 @@
 """Training throughput of one stage on random data: tokens/s and MFU, for a preset at a chosen size.
 
-Uses train.py's own pieces (which parts train per stage, the FLOP count behind the MFU it logs), so the
-figure here is the figure a real run reports. The 7B presets fit one H100 for stage 1 (only the projector
-trains); stage 2 trains the whole decoder, so measure it on a depth-reduced model (--layers).
+Uses train.py's choice of what trains per stage and the model's own FLOP count (`LlavaMed.flops`, behind
+the MFU train.py logs), so the figure here is the figure a real run reports. The 7B presets fit one H100
+for stage 1 (only the projector trains); stage 2 trains the whole decoder, so measure it on a depth-reduced model (--layers).
 
     python bench/train_speed.py --preset tiny --stage 2                                       # CPU
     python bench/train_speed.py --preset llava-med-v1.5-mistral-7b --stage 1 --batch 8 --grad_ckpt
@@ -65,7 +65,7 @@ def main() -> None:
     pixels = torch.randn(args.batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=device)
     labels = ids.clone().masked_fill(ids == IMAGE_TOKEN_INDEX, -100)
     seq = args.text_len + cfg.vision.num_patches
-    flops = train.flops_per_step(model, args.stage, args.batch * args.text_len, args.batch, seq)
+    flops = model.flops(args.batch * args.text_len, args.batch, seq)
     peak = args.peak_tflops or next((v for k, v in train.PEAK_TFLOPS.items()
                                      if cuda and k in torch.cuda.get_device_name(device)), 0.0)
 

@@ -144,6 +144,11 @@ def conversations_of(record: dict, where: str = "") -> list[dict]:
     return conv
 
 
+def image_positions(vision) -> int:
+    """Decoder positions one image takes: its patches, plus the class token under select_feature="cls_patch"."""
+    return vision.num_patches + (vision.select_feature == "cls_patch")
+
+
 def expanded_length(ids: Sequence[int], num_image_tokens: int) -> int:
     """Positions the sequence takes in the decoder once each sentinel becomes its image patches."""
     return sum(num_image_tokens if i == IMAGE_TOKEN_INDEX else 1 for i in ids)

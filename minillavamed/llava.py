@@ -127,6 +127,63 @@ class LlavaMed(nn.Module):
                                    ignore_index=IGNORE_INDEX)
         return logits, loss
 
+    def flops(self, text_tokens: int, images: int, seq_len: int) -> int:
+        """Model FLOPs of one training forward and backward over `text_tokens` text positions and `images`
+        images, in rows of `seq_len` decoder positions (for MFU, as PaLM's appendix B counts them).
+
+        Forward: 2 per multiply-add of every matrix product; the vision blocks past the selected layer never
+        run. Backward: the same again for a product's input gradient wherever something upstream of it
+        trains, and again for its weight gradient where the weight trains; nothing for the frozen vision
+        tower of stages 1-2, which no gradient reaches. Attention is counted whole (no causal savings), and
+        its backward as twice its forward, as for any product of two tensors that both need gradients.
+        Norms, activations and the loss are not products and are left out. This is what
+        torch.utils.flop_counter counts for an un-fused attention (the tests check it on the tiny preset).
+        """
+        v, grad = self.cfg.vision, False  # grad: whether the activations flowing here need a gradient
+
+        def product(weight, positions):
+            nonlocal grad
+            forward = 2 * weight.numel() * positions
+            cost = forward * (1 + grad + weight.requires_grad)
+            grad = grad or weight.requires_grad
+            return cost
+
+        def attention(positions, length, width):  # every position against the `length` of its row
+            return 4 * positions * length * width * (1 + 2 * grad)
+
+        def trains(*modules):
+            return any(p.requires_grad for m in modules for p in m.parameters(recurse=False))
+
+        total = 0
+        if images:
+            tower = self.vision
+            positions = images * (v.num_patches + 1)
+            total += product(tower.patch_embed.weight, images * v.num_patches)
+            grad = grad or tower.cls_token.requires_grad or tower.pos_embed.requires_grad or trains(tower.pre_norm)
+            for block in tower.blocks[: tower.n_run]:
+                grad = grad or trains(block.norm1)
+                total += product(block.attn.wqkv.weight, positions) + attention(positions, v.num_patches + 1, v.width)
+                total += product(block.attn.wo.weight, positions)
+                grad = grad or trains(block.norm2)
+                total += product(block.fc1.weight, positions) + product(block.fc2.weight, positions)
+            per_image = v.num_patches + (v.select_feature == "cls_patch")
+            for linear in self.projector.linears:
+                total += product(linear.weight, images * per_image)
+            tokens = text_tokens + images * per_image
+        else:
+            tokens = text_tokens
+        dec = self.decoder
+        grad = (grad and images > 0) or dec.embed.weight.requires_grad
+        for block in dec.blocks:
+            grad = grad or trains(block.attn_norm)
+            total += product(block.attn.wqkv.weight, tokens)
+            total += attention(tokens, seq_len, block.attn.heads * block.attn.head_dim)
+            total += product(block.attn.wo.weight, tokens)
+            grad = grad or trains(block.mlp_norm)
+            total += product(block.gate_up.weight, tokens) + product(block.down.weight, tokens)
+        grad = grad or trains(dec.norm)
+        return total + product(dec.lm_head.weight, tokens)
+
     @torch.inference_mode()
     def generate(
         self,

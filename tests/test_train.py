@@ -1,4 +1,5 @@
 """train.py: what trains in each stage, exact resume, DDP = one process, FSDP checkpoints, crash safety,
+data workers, the model's FLOP count, bf16 dtypes,
 and the pinned first losses of a seeded tiny run."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from safetensors.torch import load_file
 
 import train
 from minillavamed import LlavaMed
+from minillavamed.data import ImageLoadError
 from minillavamed.synthetic import WorldConfig, generate_world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +97,8 @@ def test_resume_is_exact(world, base, tmp_path):
     split.mkdir()
     shutil.copytree(straight / "checkpoints" / "step-0000003", split / "checkpoints" / "step-0000003")
     (split / "metrics.jsonl").write_text("".join((straight / "metrics.jsonl").read_text().splitlines(True)[:3]))
-    assert train.main(args(world, 2, split, *common, "--resume")) == 0
+    # Resumed with data workers: the same micro-batches, bit for bit, as the straight in-process run.
+    assert train.main(args(world, 2, split, *common, "--resume", "--num_workers", "2")) == 0
     assert losses(split) == losses(straight)  # bit-exact, and metrics.jsonl holds each iteration once
     a, b = load_file(straight / "model.safetensors"), load_file(split / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -185,3 +189,94 @@ def test_bad_arguments_fail_clearly(world, base, tmp_path):
         train.main(args(world, 2, tmp_path, "--init_from", str(tmp_path / "none")))
     with pytest.raises(SystemExit):
         train.main(["--stage", "7"])
+
+
+def test_stage_zero_saves_the_template_it_trained_with(world, tmp_path):
+    out = tmp_path / "out"
+    assert train.main(args(world, 0, out, "--max_iters", "1", "--eval_questions", "1", "--conv", "vicuna_v1")) == 0
+    assert LlavaMed.from_pretrained(out).cfg.conv_template == "vicuna_v1"
+
+
+def test_cls_patch_images_are_counted_with_their_class_token(world, base):
+    # Under select_feature="cls_patch" an image is num_patches + 1 decoder positions: packing must count
+    # them all, or cu_seqlens no longer covers the spliced row.
+    model = LlavaMed.from_pretrained(base)
+    model.cfg.vision.select_feature = "cls_patch"
+    tokenizer = train.Tokenizer(base / "tokenizer.model")
+    records = train.load_records(world["alignment"])[:3]
+    processor = train.ImageProcessor.for_model(model.cfg.vision.image_size, model.cfg.image_aspect_ratio)
+    cfg = train.TrainConfig(max_len=384)
+    ds = train.build_dataset(records, cfg, train.get_template("plain"), tokenizer, processor, model.cfg,
+                             world["image_folder"], "alignment")
+    items = [ds[i] for i in range(len(ds))]
+    packed = train.collate(items, tokenizer.pad_id, True, train.image_positions(model.cfg.vision))
+    padded = train.collate(items, tokenizer.pad_id)
+    assert train.count_tokens(padded, train.image_positions(model.cfg.vision))[0] + 3 * 17 == packed["cu_seqlens"][-1]
+    with torch.no_grad():
+        _, loss_packed = model(**train.to_device(packed, "cpu"))
+        _, loss_padded = model(**train.to_device(padded, "cpu"))
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage, images", [(0, 3), (0, 0), (1, 3), (2, 3)])
+def test_model_flops_are_what_the_flop_counter_counts(stage, images):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minillavamed.config import IMAGE_TOKEN_INDEX, preset
+
+    torch.manual_seed(0)
+    model = LlavaMed(preset("tiny"))
+    model.set_attention_backend("naive")  # products the counter sees; a fused kernel hides its recompute
+    train.set_trainable(model, stage)
+    rows, text = 3, 20
+    ids = torch.randint(3, 100, (rows, text))
+    if images:
+        ids[:, 2] = IMAGE_TOKEN_INDEX
+    pixels = torch.randn(images, 3, 64, 64) if images else None
+    text_tokens = int((ids != IMAGE_TOKEN_INDEX).sum())
+    seq = text_tokens // rows + (model.cfg.vision.num_patches if images else 0)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _, loss = model(ids, pixels, labels=ids)
+        loss.backward()
+    assert model.flops(text_tokens, images, seq) == counter.get_total_flops()
+
+
+def test_losses_are_bit_identical_with_any_number_of_data_workers(world, base, tmp_path):
+    runs = {}
+    for workers in (0, 1, 4):
+        out = tmp_path / f"w{workers}"
+        assert train.main(args(world, 1, out, "--init_from", str(base), "--max_iters", "3", "--eval_questions", "1",
+                               "--num_workers", str(workers))) == 0
+        runs[workers] = losses(out)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(0 <= r["data_wait_frac"] <= 1 and r["skipped_images"] == 0 for r in rows)
+    assert runs[0] == runs[1] == runs[4]
+
+
+def test_unreadable_images_are_skipped_and_counted_in_workers(world, base, tmp_path):
+    records = json.loads(Path(world["alignment"]).read_text())
+    for r in records:
+        r["image"] = "missing/" + r["image"]
+    data = tmp_path / "broken.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    argv = args(world, 1, out, "--init_from", str(base), "--max_iters", "2", "--eval_questions", "0",
+                "--eval_data", "", "--num_workers", "2")
+    argv[argv.index("--data") + 1] = str(data)
+    with pytest.raises(ImageLoadError, match="image file not found"):
+        train.main(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one "skipped: ..." per image
+        assert train.main([*argv, "--skip_bad_images"]) == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["skipped_images"] == 2 * 8
+
+
+def test_bf16_keeps_frozen_parts_bf16_and_what_trains_fp32(world, base, tmp_path):
+    out = tmp_path / "out"
+    assert train.main(args(world, 2, out, "--init_from", str(base), "--max_iters", "1", "--eval_questions", "1",
+                           "--dtype", "bfloat16")) == 0
+    saved = load_file(out / "model.safetensors")
+    assert saved["vision.blocks.0.fc1.weight"].dtype == torch.bfloat16  # frozen: read and kept in bf16
+    assert saved["decoder.blocks.0.gate_up.weight"].dtype == torch.float32  # trains: fp32 master weights
+    assert saved["projector.linears.0.weight"].dtype == torch.float32
