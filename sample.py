@@ -195,10 +195,7 @@ def read_answers(path: Path, model_id: str) -> set[str]:
     return {str(r["question_id"]) for r in rows}
 
 
-def answer_file(assistant: Assistant, args) -> None:
-    questions = read_questions(args.questions)
-    model_id = os.path.basename(os.path.normpath(args.model or DEFAULT_MODEL))
-    done = read_answers(args.answers, model_id)
+def answer_file(assistant: Assistant, args, questions: list[dict], done: set[str], model_id: str) -> None:
     todo = [q for q in questions if str(q["question_id"]) not in done]
     root = args.image_folder or args.questions.parent
     skipped = []
@@ -230,12 +227,16 @@ def answer_file(assistant: Assistant, args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.questions is not None:  # both files are checked before the model loads
+        questions = read_questions(args.questions)
+        model_id = os.path.basename(os.path.normpath(args.model or DEFAULT_MODEL))
+        done = read_answers(args.answers, model_id)
     try:
         assistant = load_assistant(args)
         if args.chat:
             chat(assistant, args)
         elif args.questions is not None:
-            answer_file(assistant, args)
+            answer_file(assistant, args, questions, done, model_id)
         else:
             ask(assistant, args, args.prompt, load_image(args.image) if args.image else None)
     except (ImageLoadError, CheckpointError, FileNotFoundError) as e:  # each message names its file

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from minillavamed import LlavaMed
 from minillavamed.checkpoint import save_state
@@ -344,7 +345,7 @@ def save_checkpoint(out: Path, it: int, model, optimizer, cfg: TrainConfig, d: D
                     writing = out / f".{f.name}.tmp"
                     shutil.copy(f, writing)
                     os.replace(writing, out / f.name)
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save: a full disk is a RuntimeError
             shutil.rmtree(tmp, ignore_errors=True)
             for stray in out.glob(".*.tmp"):
                 stray.unlink(missing_ok=True)
