@@ -158,17 +158,20 @@ async def run_instruct(pending: list[dict], args, out, failures, progress) -> in
             progress.tick(client)
 
     workers = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
+    fatal = None
     try:
         await asyncio.gather(*workers)
     except instruct.FatalAPIError as e:
+        fatal = e
         for w in workers:
             w.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        print(f"error: {instruct.redact(str(e))}; stopping (re-run to resume)", file=sys.stderr)
-        return 2
     finally:
         progress.tick(client, force=True)
         await client.close()
+    if fatal is not None:  # after the progress line, so that the reason is the last line
+        print(f"error: {instruct.redact(str(fatal))}; stopping (re-run to resume)", file=sys.stderr)
+        return 2
     if progress.failed and not progress.done:
         top = "; ".join(f"{r} (x{n})" for r, n in reasons.most_common(2))
         print(f"error: every record failed: {top}; see {args.failures_path}, fix the cause, then re-run with "
