@@ -163,9 +163,9 @@ def located_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
                     numbered.append((f"{path}:{n}", json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}, line {n}: malformed JSON: {e.msg}") from None
-    for where, r in numbered:
+    for k, (where, r) in enumerate(numbered):
         if not isinstance(r, dict):
-            raise ValueError(f"{where}: record is not a JSON object")
+            raise ValueError(f"{where}: record {k} is not a JSON object")
     return numbered
 
 
