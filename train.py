@@ -33,7 +33,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from minillavamed import LlavaMed
-from minillavamed.checkpoint import save_state
+from minillavamed.checkpoint import CheckpointError, check_vocab, save_state
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset
 from minillavamed.conversation import get_template, render
 from minillavamed.data import (ConversationDataset, DataError, DataReport, ImageProcessor, check_data, collate,
@@ -163,8 +163,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def stage_defaults() -> str:
+    rows = [f"  stage {k}: " + ", ".join(f"{key} {v}" for key, v in STAGES[k].items() if v is not None) +
+            f" (synthetic world: {', '.join(f'{key} {v}' for key, v in TINY_STAGES[k].items())})" for k in STAGES]
+    return "stage defaults, for the options left out (or 0):\n" + "\n".join(rows)
+
+
 def parse_args(argv=None) -> TrainConfig:
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, epilog=stage_defaults(),
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     types = _flag_types()
     for f in dataclasses.fields(TrainConfig):
         help_text = f.metadata["help"].replace("%", "%%")
@@ -461,11 +468,13 @@ def read_records(path: str) -> list[dict]:
 
 def validate_data(cfg: TrainConfig, files, image_folder, template, tokenizer, model_cfg, log) -> DataReport:
     """check_data over every file of this stage before training; bad records stop the run (one line naming
-    them) unless --skip_bad_records / --skip_bad_images; what was skipped or will be truncated is logged."""
+    them) unless --skip_bad_records / --skip_bad_images; what was skipped or will be truncated is logged.
+    The model's vocabulary must cover its tokenizer's."""
     try:
+        check_vocab(model_cfg, tokenizer.vocab_size, cfg.init_from or cfg.out_dir)
         report = check_data(files, image_folder, template, tokenizer, cfg.max_len, model_cfg.vision.num_patches,
                             model_cfg.decoder.max_seq_len, cfg.skip_bad_records, cfg.skip_bad_images)
-    except (DataError, OSError) as e:
+    except (CheckpointError, DataError, OSError) as e:
         raise SystemExit(str(e)) from None
     summary = report.summary()
     log(f"data: {summary['records_read']} records, {summary['records_skipped']} skipped "
