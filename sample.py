@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from minillavamed.checkpoint import CheckpointError
+from minillavamed.conversation import TEMPLATES
 from minillavamed.data import ImageLoadError, load_image, located_records, questions_from_vqa, record_problem
 from minillavamed.inference import Assistant, answer_questions
 from minillavamed.instruct import read_jsonl_resume
@@ -49,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help=f"checkpoint dir (default: {DEFAULT_MODEL})")
     p.add_argument("--vision_tower", type=Path, default=None, help="CLIP checkpoint, for LLaVA-Med v1.5 layouts")
-    p.add_argument("--conv", type=str, default=None, help="conversation template (default: the checkpoint's)")
+    p.add_argument("--conv", choices=sorted(TEMPLATES), default=None,
+                   help="conversation template (default: the checkpoint's)")
     p.add_argument("--image", type=Path, default=None)
     p.add_argument("--prompt", type=str, default=None)
     p.add_argument("--chat", action="store_true")

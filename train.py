@@ -137,11 +137,13 @@ def _number(kind, low=None, high=None, above=None, hint=""):
 def _flag_types() -> dict:
     from minillavamed.attention import BACKENDS
     from minillavamed.config import PRESETS
+    from minillavamed.conversation import TEMPLATES
 
     at_least_one = _number(int, low=1)
     zero_default = _number(int, low=0, hint=" (0 or leaving it out: the stage's default)")
     return {
         "stage": dict(type=int, choices=sorted(STAGES)), "preset": dict(choices=sorted(PRESETS)),
+        "conv": dict(choices=sorted(TEMPLATES)),
         "dtype": dict(choices=["bfloat16", "float32"]), "attn": dict(choices=list(BACKENDS)),
         "epochs": dict(type=_number(float, low=0)), "max_iters": dict(type=_number(int, low=0)),
         "lr": dict(type=_number(float, above=0, hint="; leave --lr out for the stage's default")),
