@@ -8,6 +8,8 @@
 
 python generate_data.py --input IN --output OUT --base_url URL --model NAME [--concurrency N]
     [--max_retries R] [--timeout S] [--failures FILE]
+A re-run skips what is done and retries records that failed because no server answered (nothing was paid for);
+other failures are redone with --retry_failed. A run in which every record failed exits 1 with the reason.
 The API key comes from OPENAI_API_KEY (Azure: AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY, OPENAI_API_VERSION
 with no --base_url); it never appears in logs, outputs or error messages.
 """
@@ -18,6 +20,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 
 from minillavamed import instruct
 
@@ -58,12 +61,17 @@ def load_records(path: str) -> list[dict]:
     return out
 
 
-def prepare_failures(path: str, retry_failed: bool, input_ids: set[str]) -> set[str]:
-    """Ids already failed. With --retry_failed they are taken out of the file (atomically) to be redone."""
+def prepare_failures(path: str, retry_failed: bool, input_ids: set[str], retry_unanswered: bool = True) -> set[str]:
+    """Ids already failed. Failures no server answered (kind "connection") are taken out of the file
+    (atomically) to be redone, and with --retry_failed every failure of the input is."""
     rows = instruct.read_jsonl_resume(path)
-    if not retry_failed:
+    redo = [r for r in rows if r["id"] in input_ids and (retry_failed or retry_unanswered and r.get("kind") == "connection")]
+    if not redo:
         return {r["id"] for r in rows}
-    keep = [r for r in rows if r["id"] not in input_ids]
+    if not retry_failed:
+        print(f"[generate] retrying {len(redo)} record(s) that failed because no server answered",
+              file=sys.stderr)
+    keep = [r for r in rows if r not in redo]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in keep)
@@ -121,6 +129,10 @@ def dry_run(pending: list[dict], args) -> None:
           f"${args.price_in}/${args.price_out} per 1M tokens in/out")
 
 
+class Unreachable(instruct.FatalAPIError):
+    """The first records all failed to connect and none succeeded: the endpoint is down or wrong."""
+
+
 async def run_instruct(pending: list[dict], args, out, failures, progress) -> int:
     cfg = instruct.ClientConfig(model=args.model, base_url=args.base_url, temperature=args.temperature,
                                 max_tokens=args.max_tokens, timeout=args.timeout, max_retries=args.max_retries,
@@ -129,6 +141,8 @@ async def run_instruct(pending: list[dict], args, out, failures, progress) -> in
     queue: asyncio.Queue = asyncio.Queue()
     for rec in pending:
         queue.put_nowait(rec)
+    reasons: Counter = Counter()
+    unreachable_after = min(len(pending), max(4, args.concurrency))  # failed connections before giving up
 
     async def worker():
         while not queue.empty():
@@ -138,25 +152,42 @@ async def run_instruct(pending: list[dict], args, out, failures, progress) -> in
                 row = instruct.to_llava_record(rec, reply, instruct.record_rng(args.seed, rec["pair_id"]))
             except (instruct.APIFailure, instruct.ReplyError) as e:
                 # Single-threaded event loop: writes from different workers never interleave.
-                failures.write({"id": rec["pair_id"], "reason": instruct.redact(str(e)), "time": time.time()})
+                reason, kind = instruct.redact(str(e)), getattr(e, "kind", "reply")
+                failures.write({"id": rec["pair_id"], "reason": reason, "kind": kind, "time": time.time()})
                 progress.failed += 1
+                reasons[reason] += 1
+                if kind == "connection" and progress.done == 0 and reasons[reason] >= unreachable_after:
+                    raise Unreachable(f"no server answered at {args.base_url or 'the default endpoint'} for the "
+                                      f"first {reasons[reason]} records ({reason}); check --base_url and that "
+                                      "the server is running, then re-run: these records are retried")
             else:
                 out.write(row)
                 progress.done += 1
             progress.tick(client)
 
     workers = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
+    fatal = None
     try:
         await asyncio.gather(*workers)
     except instruct.FatalAPIError as e:
+        fatal = e
         for w in workers:
             w.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        print(f"error: {instruct.redact(str(e))}; stopping (re-run to resume)", file=sys.stderr)
-        return 2
     finally:
         progress.tick(client, force=True)
         await client.close()
+    if fatal is not None:  # after the progress line, so that the reason is the last line
+        print(f"error: {instruct.redact(str(fatal))}; stopping (re-run to resume)", file=sys.stderr)
+        return 2
+    if progress.failed and not progress.done:
+        top = "; ".join(f"{r} (x{n})" for r, n in reasons.most_common(2))
+        print(f"error: every record failed: {top}; see {args.failures_path}, fix the cause, then re-run with "
+              "--retry_failed", file=sys.stderr)
+        return 1
+    if progress.failed:
+        print(f"[generate] {progress.failed} record(s) failed, reasons in {args.failures_path}; "
+              "--retry_failed redoes them", file=sys.stderr)
     return 0
 
 
@@ -187,16 +218,20 @@ def main() -> int:
         p.error("--model is required in instruct mode")
     if args.concurrency < 1 or args.max_retries < 0:
         p.error("--concurrency must be >= 1 and --max_retries >= 0")
-    failures_path = args.failures or args.output + ".failures.jsonl"
+    failures_path = args.failures_path = args.failures or args.output + ".failures.jsonl"
 
     records = load_records(args.input)[:args.limit]
     input_ids = {r["pair_id"] for r in records}
     done = {r["id"] for r in instruct.read_jsonl_resume(args.output)}
-    failed = prepare_failures(failures_path, args.retry_failed and not args.dry_run, input_ids)
+    failed = prepare_failures(failures_path, args.retry_failed and not args.dry_run, input_ids,
+                              retry_unanswered=not args.dry_run)
     if done & failed:
         raise SystemExit(f"ids in both {args.output} and {failures_path}: {sorted(done & failed)[:5]}")
     pending = [r for r in records if r["pair_id"] not in done and r["pair_id"] not in failed]
     already = len(records) - len(pending)
+    if failed & input_ids and not args.retry_failed:
+        print(f"[generate] {len(failed & input_ids)} record(s) failed in an earlier run and are skipped; "
+              f"--retry_failed redoes them (reasons in {failures_path})", file=sys.stderr)
     if args.dry_run:
         if args.mode == "alignment":
             print(f"[dry run] alignment mode makes no API calls; {len(pending)} records to write")

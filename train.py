@@ -24,19 +24,20 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from minillavamed import LlavaMed
-from minillavamed.checkpoint import save_state
+from minillavamed.checkpoint import CheckpointError, check_vocab, save_state
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset
 from minillavamed.conversation import get_template, render
-from minillavamed.data import (ConversationDataset, ImageProcessor, collate, image_positions, load_records,
-                               questions_from_vqa)
+from minillavamed.data import (ConversationDataset, DataError, DataReport, ImageProcessor, check_data, collate,
+                               image_positions, load_records, questions_from_vqa)
 from minillavamed.evaluation import score_vqa
 from minillavamed.inference import Assistant, answer_questions
 from minillavamed.tokenizer import Tokenizer, train_tokenizer
@@ -64,58 +65,129 @@ WORLD = Path("data/synthetic")
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
 
 
+def opt(default, help: str):
+    """A TrainConfig field with its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    stage: int = 1
-    out_dir: str = ""  # default: out/tiny/stage{N} on the synthetic world
-    init_from: str = ""  # checkpoint dir (any layout LlavaMed reads); default: the previous stage's out_dir
-    vision_tower: str = ""  # CLIP checkpoint for layouts that don't hold one
-    preset: str = "tiny"  # the architecture stage 0 builds from scratch
-    data: str = ""  # LLaVA-Med JSON/JSONL; default: the synthetic world's file for the stage
-    image_folder: str = ""
-    eval_data: str = ""  # VQA file for the periodic closed/open evaluation; default: synthetic vqa_test
-    conv: str = ""  # conversation template; default: plain in stage 1, the model's own otherwise
-    epochs: float = 0.0  # 0: the stage's default
-    max_iters: int = 0  # 0: epochs x dataset / global batch
-    lr: float = 0.0
-    min_lr_ratio: float = 0.0  # cosine decays to lr x this (HF's cosine schedule: 0)
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    global_batch: int = 0
-    micro_batch: int = 0  # 0: the stage's default
-    max_len: int = 0
-    grad_clip: float = 1.0
-    val_size: int = 64  # records held out of --data for the validation loss
-    eval_questions: int = 0  # VQA questions per evaluation (0: all)
-    log_interval: int = 10
-    eval_interval: int = 0  # 0: only at the end
-    ckpt_interval: int = 100
-    keep_last: int = 2
-    seed: int = 1337
-    device: str = ""  # default: cuda if available, else cpu
-    dtype: str = ""  # bfloat16 | float32; default: bfloat16 on GPUs, float32 on CPUs
-    attn: str = ""  # naive | sdpa | triton; default: triton on GPUs, sdpa on CPUs
-    compile: bool = False
-    grad_ckpt: bool = False
-    fsdp: bool = False
-    pack: bool = False
-    peak_tflops: float = 0.0  # for MFU; default from the GPU's name
-    num_workers: int = -1  # data loading processes per rank; -1: up to 4 on GPUs (the cores allow), 0 on CPUs
-    skip_bad_images: bool = False
-    resume: bool = False
+    stage: int = opt(1, "curriculum stage: 0 general base (tiny preset), 1 concept alignment, 2 instruction "
+                        "tuning, 3 VQA fine-tuning")
+    out_dir: str = opt("", "where the model, checkpoints/ and metrics go; default: out/tiny/stage{N} on the "
+                           "synthetic world (required with --data)")
+    init_from: str = opt("", "checkpoint dir this stage starts from (any layout LlavaMed reads); default: the "
+                             "previous stage's out_dir")
+    vision_tower: str = opt("", "CLIP checkpoint, for layouts that don't hold one")
+    preset: str = opt("tiny", "the architecture stage 0 builds from scratch")
+    data: str = opt("", "LLaVA-Med JSON/JSONL; default: the synthetic world's file for the stage")
+    image_folder: str = opt("", "root of the records' image paths")
+    eval_data: str = opt("", "VQA file for the closed/open evaluation; default: the synthetic vqa_test")
+    conv: str = opt("", "conversation template; default: plain in stage 1, the model's own otherwise")
+    epochs: float = opt(0.0, "passes over the data; 0: the stage's default")
+    max_iters: int = opt(0, "optimizer steps; 0: epochs x samples / global batch")
+    lr: float = opt(0.0, "peak learning rate, > 0; leave it out for the stage's default")
+    min_lr_ratio: float = opt(0.0, "the cosine decays to lr x this, in [0, 1] (HF's cosine schedule: 0)")
+    weight_decay: float = opt(0.0, "AdamW weight decay, >= 0")
+    warmup_ratio: float = opt(0.03, "fraction of the run spent in linear warmup, in [0, 1]")
+    global_batch: int = opt(0, "samples per optimizer step over all processes; 0: the stage's default")
+    micro_batch: int = opt(0, "samples per forward pass and process; 0: the stage's default")
+    max_len: int = opt(0, "decoder positions per sample (an image counts its patches); longer samples are "
+                          "cut and counted; 0: the stage's default")
+    grad_clip: float = opt(1.0, "gradient norm clip, > 0")
+    val_size: int = opt(64, "records held out of --data for the validation loss")
+    eval_questions: int = opt(0, "VQA questions per evaluation; 0: all")
+    log_interval: int = opt(10, "optimizer steps between log lines, >= 1")
+    eval_interval: int = opt(0, "optimizer steps between evaluations; 0: only at the end")
+    ckpt_interval: int = opt(100, "optimizer steps between checkpoints, >= 1")
+    keep_last: int = opt(2, "checkpoints kept in out_dir/checkpoints, >= 1")
+    seed: int = opt(1337, "seeds the model, the data order and the validation split")
+    device: str = opt("", "torch device; default: cuda if available, else cpu")
+    dtype: str = opt("", "bfloat16 | float32; default: bfloat16 on GPUs, float32 on CPUs")
+    attn: str = opt("", "naive | sdpa | triton; default: triton on GPUs, sdpa on CPUs")
+    compile: bool = opt(False, "torch.compile the model")
+    grad_ckpt: bool = opt(False, "recompute decoder blocks in the backward pass (less memory)")
+    fsdp: bool = opt(False, "shard parameters over processes (torchrun) instead of DDP")
+    pack: bool = opt(False, "pack samples back to back in one row (varlen attention) instead of padding")
+    peak_tflops: float = opt(0.0, "peak dense bf16 TFLOPS for MFU; 0: from the GPU's name")
+    num_workers: int = opt(-1, "data loading processes per rank; -1: up to 4 on GPUs (as the cores allow), 0 on "
+                               "CPUs")
+    skip_bad_images: bool = opt(False, "leave out (and count) records whose image is missing or unreadable "
+                                       "instead of stopping")
+    skip_bad_records: bool = opt(False, "leave out (and count) records of a bad shape instead of stopping")
+    resume: bool = opt(False, "continue the run in out_dir from its latest checkpoint")
+    move_aside: bool = opt(False, "rename an out_dir that holds another run to OUT_DIR.prev-N and start fresh")
+
+
+def _number(kind, low=None, high=None, above=None, hint=""):
+    """An argparse type: a finite number of `kind` in the given bounds, else an error naming the bound."""
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+        if not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if (low is not None and x < low) or (high is not None and x > high) or (above is not None and x <= above):
+            bound = (f"> {above}" if above is not None else f">= {low}" if high is None else f"in [{low}, {high}]")
+            raise argparse.ArgumentTypeError(f"{text} must be {bound}{hint}")
+        return x
+    return parse
+
+
+def _flag_types() -> dict:
+    from minillavamed.attention import BACKENDS
+    from minillavamed.config import PRESETS
+    from minillavamed.conversation import TEMPLATES
+
+    at_least_one = _number(int, low=1)
+    zero_default = _number(int, low=0, hint=" (0 or leaving it out: the stage's default)")
+    return {
+        "stage": dict(type=int, choices=sorted(STAGES)), "preset": dict(choices=sorted(PRESETS)),
+        "conv": dict(choices=sorted(TEMPLATES)),
+        "dtype": dict(choices=["bfloat16", "float32"]), "attn": dict(choices=list(BACKENDS)),
+        "epochs": dict(type=_number(float, low=0)), "max_iters": dict(type=_number(int, low=0)),
+        "lr": dict(type=_number(float, above=0, hint="; leave --lr out for the stage's default")),
+        "min_lr_ratio": dict(type=_number(float, low=0, high=1)), "weight_decay": dict(type=_number(float, low=0)),
+        "warmup_ratio": dict(type=_number(float, low=0, high=1)),
+        "global_batch": dict(type=zero_default), "micro_batch": dict(type=zero_default),
+        "max_len": dict(type=zero_default), "grad_clip": dict(type=_number(float, above=0)),
+        "val_size": dict(type=_number(int, low=0)), "eval_questions": dict(type=_number(int, low=0)),
+        "log_interval": dict(type=at_least_one), "eval_interval": dict(type=_number(int, low=0)),
+        "ckpt_interval": dict(type=at_least_one), "keep_last": dict(type=at_least_one),
+        "peak_tflops": dict(type=_number(float, low=0)), "num_workers": dict(type=_number(int, low=-1)),
+    }
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A flag error is one line naming the flag, without the 40-option usage block in front of it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def stage_defaults() -> str:
+    rows = [f"  stage {k}: " + ", ".join(f"{key} {v}" for key, v in STAGES[k].items() if v is not None) +
+            f" (synthetic world: {', '.join(f'{key} {v}' for key, v in TINY_STAGES[k].items())})" for k in STAGES]
+    return "stage defaults, for the options left out (or 0):\n" + "\n".join(rows)
 
 
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, epilog=stage_defaults(),
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    types = _flag_types()
     for f in dataclasses.fields(TrainConfig):
+        help_text = f.metadata["help"].replace("%", "%%")
         if f.type == "bool":
-            p.add_argument(f"--{f.name}", action="store_true")
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument(f"--{f.name}", type=kind, default=f.default)
+            p.add_argument(f"--{f.name}", action="store_true", help=help_text)
+            continue
+        if f.default not in ("", 0, 0.0):
+            help_text += " (default: %(default)s)"
+        kind = types.get(f.name, {"type": {"int": int, "float": float, "str": str}[f.type]})
+        p.add_argument(f"--{f.name}", default=f.default, help=help_text, **kind)
     cfg = TrainConfig(**vars(p.parse_args(argv)))
-    if cfg.stage not in STAGES:
-        p.error(f"--stage must be one of {sorted(STAGES)}")
+    if cfg.resume and cfg.move_aside:
+        p.error("--resume continues the run in --out_dir and --move_aside puts it away: give one of them")
     return cfg
 
 
@@ -240,28 +312,165 @@ def full_states(model, optimizer, cfg: TrainConfig):
     return raw(model).state_dict(), optimizer.state_dict()
 
 
-def save_checkpoint(out: Path, it: int, model, optimizer, cfg: TrainConfig, d: Dist, tokenizer_file: Path,
+def save_checkpoint(out: Path, it: int, model, optimizer, cfg: TrainConfig, d: Dist, tokenizer: Tokenizer,
                     position: dict) -> None:
     """checkpoints/step-N written to a temp dir and renamed (a killed save leaves the previous ones whole),
-    then the model files at the top of out_dir replaced one by one, so that out_dir always loads."""
+    then the model files at the top of out_dir replaced one by one, so that out_dir always loads. A failed
+    write (a full disk, a quota) removes what it left and stops the run naming the file and the reason; the
+    previous checkpoint and the top-level model stay loadable."""
     model_state, optim_state = full_states(model, optimizer, cfg)
+    failure = None
     if d.master:
         ckpts = out / "checkpoints"
         tmp, final = ckpts / f".tmp-step-{it:07d}", ckpts / f"step-{it:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_state(raw(model).cfg, model_state, tmp)
-        shutil.copy(tokenizer_file, tmp / "tokenizer.model")
-        torch.save({"iter": it, "optimizer": optim_state, "rng": rng_state(), "position": position,
-                    "train_config": dataclasses.asdict(cfg)}, tmp / "train_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for f in sorted(final.iterdir(), key=lambda f: f.name == "config.json"):  # weights first
-            if f.name != "train_state.pt":
-                shutil.copy(f, out / f".{f.name}.tmp")
-                os.replace(out / f".{f.name}.tmp", out / f.name)
-        for old in sorted(ckpts.glob("step-*"))[: -cfg.keep_last]:
-            shutil.rmtree(old)
+        writing = tmp
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_state(raw(model).cfg, model_state, tmp)
+            writing = tmp / "tokenizer.model"
+            tokenizer.save_pretrained(tmp)  # with added_tokens.json / tokenizer_config.json where it has them
+            writing = tmp / "train_config.json"
+            writing.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            writing = tmp / "train_state.pt"
+            torch.save({"iter": it, "optimizer": optim_state, "rng": rng_state(), "position": position,
+                        "train_config": dataclasses.asdict(cfg)}, writing)
+            shutil.rmtree(final, ignore_errors=True)
+            writing = final
+            tmp.rename(final)
+            for f in sorted(final.iterdir(), key=lambda f: f.name == "config.json"):  # weights first
+                if f.name not in ("train_state.pt", "train_config.json"):
+                    writing = out / f".{f.name}.tmp"
+                    shutil.copy(f, writing)
+                    os.replace(writing, out / f.name)
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save: a full disk is a RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            for stray in out.glob(".*.tmp"):
+                stray.unlink(missing_ok=True)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+            free = shutil.disk_usage(out).free / 1e9
+            previous = latest_checkpoint(out)
+            failure = (f"saving the checkpoint of iter {it} failed writing {writing}: {reason} ({free:.2f} GB free "
+                       f"in {out}); {previous or 'no earlier checkpoint'} and the model at the top of {out} are "
+                       "as before; free space, then continue with --resume")
+        else:
+            for old in sorted(ckpts.glob("step-*"))[: -cfg.keep_last]:
+                shutil.rmtree(old)
+    failed = torch.tensor(float(failure is not None), device=next(raw(model).parameters()).device)
+    if all_sum(failed, d).item():
+        raise SystemExit(failure or "saving a checkpoint failed on rank 0; see its message")
     barrier(d)
+
+
+# ------------------------------------------------------------------------------------ before any work
+RUN_FILES = ("train_config.json", "metrics.jsonl", "eval.json", "checkpoints")
+# What --resume must share with the run it continues: the data, the model it started from and the
+# optimization. Lengths (max_iters, epochs), intervals, devices and kernels may change.
+RESUME_KEYS = ("stage", "data", "image_folder", "init_from", "vision_tower", "preset", "conv", "lr",
+               "min_lr_ratio", "weight_decay", "warmup_ratio", "global_batch", "max_len", "grad_clip", "val_size",
+               "seed")
+PATH_KEYS = ("data", "image_folder", "init_from", "vision_tower")
+
+
+def prepare_out_dir(cfg: TrainConfig, d: Dist) -> None:
+    """Refuse an out_dir that holds another run unless it is resumed (or moved aside with --move_aside), and
+    make sure out_dir can be written, before any model or data is loaded."""
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out_dir {out}: exists and is not a directory")
+    found = [f for f in RUN_FILES if (out / f).exists()]
+    if found and (cfg.move_aside or not cfg.resume or latest_checkpoint(out) is None):
+        k = 1
+        while Path(f"{out}.prev-{k}").exists():
+            k += 1
+        aside = Path(f"{out}.prev-{k}")
+        if cfg.move_aside:
+            if d.master:
+                out.rename(aside)
+                print(f"--move_aside: the run that was in {out} is now in {aside}")
+        else:
+            why = "no checkpoint to --resume from" if cfg.resume else "another run"
+            raise SystemExit(f"--out_dir {out} holds {why} ({', '.join(found)}); continue it with --resume, "
+                             f"pass --move_aside to rename it to {aside} and start fresh, or choose another "
+                             "--out_dir")
+    barrier(d)
+    if d.master:
+        probe = out / f".write-probe-{os.getpid()}"
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as e:
+            raise SystemExit(f"--out_dir {out}: cannot write there ({e.strerror or e}); choose a writable "
+                             "directory") from None
+    barrier(d)
+
+
+def check_resume(cfg: TrainConfig, checkpoint: Path | None) -> None:
+    """--resume continues a checkpoint of this configuration only (RESUME_KEYS), naming what differs."""
+    if checkpoint is None:
+        return
+    if (checkpoint / "train_config.json").exists():
+        saved = json.loads((checkpoint / "train_config.json").read_text())
+    else:  # checkpoints written before train_config.json was saved beside the weights
+        saved = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=False,
+                           mmap=True).get("train_config", {})
+    now = dataclasses.asdict(cfg)
+
+    def same(k):
+        a, b = saved.get(k, now[k]), now[k]
+        if k in PATH_KEYS and a and b:
+            return os.path.realpath(a) == os.path.realpath(b)
+        return a == b
+
+    diffs = [f"--{k} {saved[k]!r} there, {now[k]!r} now" for k in RESUME_KEYS if not same(k)]
+    if diffs:
+        raise SystemExit(f"--resume: {checkpoint} belongs to another configuration ({'; '.join(diffs)}); resume "
+                         "with its settings, or start fresh with --move_aside or another --out_dir")
+
+
+def checkpoint_bytes(model, trainable) -> int:
+    """Disk one save needs before the old checkpoint is pruned: the weights twice (checkpoints/step-N and the
+    copy at the top of out_dir) and AdamW's two moments of every trainable parameter."""
+    weights = sum(p.numel() * p.element_size() for p in raw(model).state_dict().values())
+    return 2 * weights + 2 * sum(p.numel() * p.element_size() for p in trainable)
+
+
+def check_free_space(out: Path, model, trainable, d: Dist) -> None:
+    """Stop before training if out_dir cannot hold one more checkpoint."""
+    if not d.master:
+        return
+    need, free = checkpoint_bytes(model, trainable), shutil.disk_usage(out).free
+    if free < need:
+        raise SystemExit(f"--out_dir {out}: {free / 1e9:.2f} GB free, but one checkpoint needs about "
+                         f"{need / 1e9:.2f} GB (the weights twice and the optimizer state); free space or choose "
+                         "another --out_dir")
+
+
+def read_records(path: str) -> list[dict]:
+    """load_records, its errors (malformed JSON, named by file and line) as one line and a non-zero exit."""
+    try:
+        return load_records(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+
+
+def validate_data(cfg: TrainConfig, files, image_folder, template, tokenizer, model_cfg, log) -> DataReport:
+    """check_data over every file of this stage before training; bad records stop the run (one line naming
+    them) unless --skip_bad_records / --skip_bad_images; what was skipped or will be truncated is logged.
+    The model's vocabulary must cover its tokenizer's."""
+    try:
+        check_vocab(model_cfg, tokenizer.vocab_size, cfg.init_from or cfg.out_dir)
+        report = check_data(files, image_folder, template, tokenizer, cfg.max_len, image_positions(model_cfg.vision),
+                            model_cfg.decoder.max_seq_len, cfg.skip_bad_records, cfg.skip_bad_images)
+    except (CheckpointError, DataError, OSError) as e:
+        raise SystemExit(str(e)) from None
+    summary = report.summary()
+    log(f"data: {summary['records_read']} records, {summary['records_skipped']} skipped "
+        f"{summary['skipped_reasons'] or ''}, {summary['samples_truncated']} truncated to max_len {cfg.max_len}")
+    return report
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -368,7 +577,8 @@ def make_loader(train_set, cfg: TrainConfig, d: Dist, accum: int, position: dict
 
 def build_dataset(records, cfg, template, tokenizer, processor, model_cfg, image_folder, source):
     return ConversationDataset(records, image_folder, template, tokenizer, processor, cfg.max_len,
-                               image_positions(model_cfg.vision), skip_bad_images=cfg.skip_bad_images, source=source)
+                               image_positions(model_cfg.vision), skip_bad_images=cfg.skip_bad_images, source=source,
+                               im_start_end=model_cfg.mm_use_im_start_end)
 
 
 def count_tokens(batch: dict, patches: int) -> tuple[int, int, int]:
@@ -389,14 +599,14 @@ def to_device(batch: dict, device) -> dict:
 @dataclass
 class Data:
     files: list
-    records: list
+    records: list  # filled by validate_data, which reads every file once
     image_folder: str | None
     eval_file: str
     world: dict | None  # the synthetic world's paths, when it is the data
 
 
 def find_data(cfg: TrainConfig, d: Dist) -> Data:
-    """The stage's records: --data, or the synthetic world's file for the stage (generated by rank 0)."""
+    """The stage's data files: --data, or the synthetic world's file for the stage (generated by rank 0)."""
     world = None
     if cfg.data:
         files, image_folder = [cfg.data], cfg.image_folder or None
@@ -407,11 +617,11 @@ def find_data(cfg: TrainConfig, d: Dist) -> Data:
         world, files = synthetic_paths(cfg.stage)
         image_folder = world["image_folder"]
     eval_file = cfg.eval_data or (world["vqa_test"] if world else "")
-    return Data(files, [r for f in files for r in load_records(f)], image_folder, eval_file, world)
+    return Data(files, [], image_folder, eval_file, world)
 
 
 def build_model(cfg: TrainConfig, d: Dist, data: Data, source: Path | None, out: Path):
-    """(model, tokenizer, tokenizer file): the checkpoint the stage starts from, or for stage 0 from
+    """(model, tokenizer): the checkpoint the stage starts from, or for stage 0 from
     scratch a SentencePiece tokenizer trained on the world's text and a random model of the preset."""
     if source is None:
         tok_dir = out / "tokenizer"
@@ -419,7 +629,8 @@ def build_model(cfg: TrainConfig, d: Dist, data: Data, source: Path | None, out:
         if d.master and not (tok_dir / "tokenizer.model").exists():
             # Rendered conversations, so that the template's own markers ([INST] ...) become pieces too.
             chat = get_template(cfg.conv or mcfg.conv_template)
-            texts = [render(chat, r["conversations"]).replace("<image>", "") for r in data.records]
+            records = [r for f in data.files for r in read_records(f)]
+            texts = [render(chat, r["conversations"]).replace("<image>", "") for r in records]
             texts += [r["fig_caption"] for r in load_records(data.world["pmc"])] if data.world else []
             train_tokenizer(texts, tok_dir, mcfg.decoder.vocab_size)
         barrier(d)
@@ -444,7 +655,7 @@ def build_model(cfg: TrainConfig, d: Dist, data: Data, source: Path | None, out:
     model.set_attention_backend(cfg.attn)
     model.decoder.checkpointing = cfg.grad_ckpt
     set_trainable(model, cfg.stage)
-    return model, tokenizer, tokenizer_file
+    return model, tokenizer
 
 
 def master_weights(module: torch.nn.Module, prefix: str, source: Path | None, device: torch.device) -> None:
@@ -559,11 +770,11 @@ class Run:
     trainable: list
     optimizer: torch.optim.Optimizer
     tokenizer: Tokenizer
-    tokenizer_file: Path
     template: object
     train_set: ConversationDataset
     val_set: ConversationDataset
     data: Data
+    data_report: DataReport  # records read, skipped and truncated: logged, and written to eval.json
     accum: int
     steps_per_epoch: int
     max_iters: int
@@ -589,7 +800,7 @@ def evaluate(run: Run, it: int) -> dict:
             if b is not None:
                 total += torch.stack([run.wrapped(**to_device(b, run.device))[1].double(), total.new_ones(())])
     losses, batches = all_sum(total, d).tolist()
-    result = {"iter": it, "val_loss": losses / max(1.0, batches)}
+    result = {"iter": it, "val_loss": losses / max(1.0, batches), **run.data_report.summary()}
     eval_gt = load_records(run.data.eval_file)[: cfg.eval_questions or None] if run.data.eval_file else []
     if eval_gt and (d.master or cfg.fsdp):
         assistant = Assistant.for_model(raw(model), run.tokenizer)
@@ -749,7 +960,7 @@ def train(run: Run, it: int, position: dict) -> int:
             if it % cfg.ckpt_interval == 0 or it == run.max_iters or stopping:
                 if stop_if_not_finite():
                     return 1
-                save_checkpoint(out, it, run.wrapped, run.optimizer, cfg, d, run.tokenizer_file, position)
+                save_checkpoint(out, it, run.wrapped, run.optimizer, cfg, d, run.tokenizer, position)
             if stopping:
                 run.log(f"interrupted at iter {it}: checkpoint saved in {out}; continue with --resume")
                 return 128 + (stop_signal[0] if stop_signal else signal.SIGTERM)
@@ -764,6 +975,7 @@ def train(run: Run, it: int, position: dict) -> int:
 def main(argv=None) -> int:
     cfg = fill_defaults(parse_args(argv))
     d = setup_distributed(cfg)
+    prepare_out_dir(cfg, d)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -775,18 +987,22 @@ def main(argv=None) -> int:
 
     data = find_data(cfg, d)
     resume_from = latest_checkpoint(out) if cfg.resume else None
+    check_resume(cfg, resume_from)
     if cfg.resume and resume_from is None:
         log(f"--resume: no checkpoint in {out}/checkpoints; starting fresh")
     source = resume_from or (Path(cfg.init_from) if cfg.init_from else None)
-    model, tokenizer, tokenizer_file = build_model(cfg, d, data, source, out)
+    model, tokenizer = build_model(cfg, d, data, source, out)
     template = get_template(cfg.conv or model.cfg.conv_template)
+    report = validate_data(cfg, data.files, data.image_folder, template, tokenizer, model.cfg, log)
+    data.records = report.records
     train_set, val_set = build_datasets(cfg, data, model, template, tokenizer, log)
     accum, steps_per_epoch, max_iters = plan_steps(cfg, d, len(train_set))
     wrapped, trainable = parallelize(model, cfg, d, device, source)
     optimizer = make_optimizer(trainable, cfg, device)
+    check_free_space(out, model, trainable, d)
     it, position = restore(resume_from, model, optimizer, cfg, log)
-    run = Run(cfg, d, device, out, model, wrapped, trainable, optimizer, tokenizer, tokenizer_file, template,
-              train_set, val_set, data, accum, steps_per_epoch, max_iters)
+    run = Run(cfg, d, device, out, model, wrapped, trainable, optimizer, tokenizer, template,
+              train_set, val_set, data, report, accum, steps_per_epoch, max_iters)
     return train(run, it, position)
 
 

@@ -350,6 +350,17 @@ def add_image_markers(model, tokenizer) -> None:
     model.cfg.mm_use_im_start_end = True
 
 
+def check_vocab(cfg: LlavaConfig, tokenizer_vocab: int, where) -> int:
+    """Compare the model's vocabulary with its tokenizer's. Fewer rows than pieces is an error (the tokenizer
+    makes ids the embedding lacks); extra rows (llava-hf's `<image>` token, padding to a multiple) are
+    returned, for generation to mask: the tokenizer cannot decode them."""
+    rows = cfg.decoder.vocab_size
+    if rows < tokenizer_vocab:
+        raise CheckpointError(f"{where}: the model has {rows} vocabulary rows but its tokenizer.model has "
+                              f"{tokenizer_vocab} pieces; the tokenizer belongs to another model")
+    return rows - tokenizer_vocab
+
+
 def _find_vision_tower(path: Path, meta: dict, given) -> Path | None:
     if given is not None:
         return Path(given)

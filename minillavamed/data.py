@@ -12,6 +12,9 @@ mode, LLaVA's `expand2square` with the mean colour. Two decisions where LLaVA ha
 Datasets: one `ConversationDataset` reads alignment (stage 1), instruct (stage 2) and VQA records, which
 all share {"id", "image", "conversations"}. Text is tokenized once up front so that samples too long or
 left with no trained label are dropped (and counted) before training; pixels are read lazily.
+`check_data` is the one pass before any work: record shapes, image headers and lengths, every problem named
+by file:line (or index) and id. A record the dataset would otherwise change silently (no image but an
+`<image>` in the text, a null value, two `<image>`s) is refused, naming it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import os
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -35,15 +38,38 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# Decoded pixels an image may have (about 200 MB as RGB); past it the file is refused before decoding.
+MAX_IMAGE_PIXELS = 64 * 2**20
+# The longest side pad mode lets an image have before padding: the square canvas of a 60000x20 strip would
+# take 10 GB, so such an image is first shrunk (keeping its aspect) to this side. No real figure is affected.
+MAX_PAD_SIDE = 4096
+
+
 class ImageLoadError(ValueError):
     """An image that is missing or cannot be decoded; the message names the file."""
+
+
+def open_image_header(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding pixels; refuses a missing, unreadable or
+    oversized file, naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImageLoadError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"cannot read image {path}: {e}") from e
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ImageLoadError(f"image {path} is {size[0]}x{size[1]} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+                             "allowed; downscale it")
+    return size
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """The RGB image LLaVA would train on (see the module docstring for 16-bit images)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ImageLoadError(f"image file not found: {path}")
+    open_image_header(path)
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, with its name, not deep in an epoch
@@ -66,6 +92,10 @@ def expand2square(im: Image.Image, background: tuple[int, ...]) -> Image.Image:
     w, h = im.size
     if w == h:
         return im
+    if max(w, h) > MAX_PAD_SIDE:  # bound the canvas (see MAX_PAD_SIDE); the final resize shrinks it anyway
+        scale = MAX_PAD_SIDE / max(w, h)
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample=Image.BICUBIC)
+        w, h = im.size
     out = Image.new(im.mode, (max(w, h),) * 2, background)
     out.paste(im, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
     return out
@@ -112,26 +142,62 @@ class ImageProcessor:
 
 def load_records(path: str | os.PathLike) -> list[dict]:
     """A JSON array or a JSON-lines file of records, read unmodified; errors name the file and line."""
+    return [r for _, r in located_records(path)]
+
+
+def located_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    """(where, record) pairs: `file:line` for JSON lines, `file[index]` for a JSON array."""
     path = os.fspath(path)
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if text.lstrip().startswith("["):
         try:
-            records = json.loads(text)
+            numbered = [(f"{path}[{k}]", r) for k, r in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {e.lineno}: malformed JSON: {e.msg}") from None
     else:
-        records = []
+        numbered = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    numbered.append((f"{path}:{n}", json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}, line {n}: malformed JSON: {e.msg}") from None
-    for k, r in enumerate(records):
+    for k, (where, r) in enumerate(numbered):
         if not isinstance(r, dict):
-            raise ValueError(f"{path}: record {k} is not a JSON object")
-    return records
+            raise ValueError(f"{where}: record {k} is not a JSON object")
+    return numbered
+
+
+def record_problem(record: dict) -> str | None:
+    """What is wrong with a record's shape, or None: what the dataset would otherwise train on silently
+    changed (the literal text "<image>", the word "None") or fail on later without naming the record."""
+    if "id" in record and not isinstance(record["id"], (str, int)):
+        return f"'id' is a {type(record['id']).__name__}, not a string"
+    conv = record.get("conversations", record.get("conversatons"))
+    if conv is None:
+        return "no 'conversations' key"
+    if not isinstance(conv, list) or not conv:
+        return "'conversations' is not a non-empty list"
+    image = record.get("image")
+    if "image" in record and not (isinstance(image, str) and image.strip()):
+        return (f"'image' is {image!r}, not a file name" +
+                ("; leave the key out for a text-only record" if image is None else ""))
+    tags = 0
+    for k, turn in enumerate(conv):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            return f"turn {k} is not a {{'from', 'value'}} object"
+        if turn["from"] not in ("human", "gpt"):
+            return f"turn {k} is from {turn['from']!r}, not 'human' or 'gpt'"
+        value = turn["value"]
+        if value is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            return f"turn {k} has value {value!r}, not text"
+        tags += str(value).count(IMAGE)
+    if image is None and tags:
+        return f"no 'image' but {tags} {IMAGE} in the conversation (it would be trained on as text)"
+    if image is not None and tags != 1:
+        return f"one image but {tags} {IMAGE} in the conversation; exactly one turn must hold it"
+    return None
 
 
 def conversations_of(record: dict, where: str = "") -> list[dict]:
@@ -165,6 +231,91 @@ def truncate(ids: list[int], labels: list[int], max_len: int, num_image_tokens: 
     return ids, labels
 
 
+class DataError(ValueError):
+    """Bad records or settings found by `check_data`; the message names them and says how to go on."""
+
+
+@dataclass
+class DataReport:
+    """What `check_data` found: the records to train on (bad ones left out only when asked) and counts."""
+
+    records: list[dict]
+    read: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> records left out
+    truncated: int = 0  # samples longer than max_len, cut from the right
+
+    def summary(self) -> dict:
+        """For the log and eval.json."""
+        return {"records_read": self.read, "records_skipped": sum(self.skipped.values()),
+                "skipped_reasons": dict(self.skipped), "samples_truncated": self.truncated}
+
+
+def check_data(files: Sequence[str | os.PathLike], image_root: str | os.PathLike | None, template: Template,
+               tokenizer: Tokenizer, max_len: int, num_image_tokens: int, max_seq_len: int,
+               skip_bad_records: bool = False, skip_bad_images: bool = False, show: int = 3) -> DataReport:
+    """One pass over the data files before any work: each record's shape (`record_problem`, then the
+    template's own rules), each referenced image's header (the pixels stay lazy), and each sample's length
+    against `max_len` and the model's `max_seq_len`. Raises DataError naming the first `show` bad records
+    by file:line (or file[index]) and id, with the flag that skips them; a skipped record is counted."""
+    report = DataReport(records=[])
+    bad: dict[str, list[str]] = {"record": [], "image": []}
+    images: dict[str, str | None] = {}  # path -> problem, each file opened once
+    too_long: list[str] = []
+    for path in files:
+        for where, record in located_records(path):
+            report.read += 1
+            name = f"{where} (id {record.get('id', '?')!r})"
+            problem = record_problem(record)
+            ids = None
+            if problem is None:
+                try:
+                    ids, _ = tokenize_conversation(template, conversations_of(record), tokenizer,
+                                                   with_image=record.get("image") is not None)
+                except ValueError as e:
+                    problem = str(e)
+            if problem is not None:
+                bad["record"].append(f"{name}: {problem}")
+                if skip_bad_records:
+                    report.skipped["bad record"] += 1
+                    continue
+            image = record.get("image")
+            if ids is not None and image is not None:
+                if image_root is None:
+                    raise DataError(f"{where}: records have images but no image folder was given "
+                                    "(--image_folder)")
+                file = os.path.join(os.fspath(image_root), image)
+                if file not in images:
+                    try:
+                        open_image_header(file)
+                        images[file] = None
+                    except ImageLoadError as e:
+                        images[file] = str(e)
+                if images[file] is not None:
+                    bad["image"].append(f"{name}: {images[file]}")
+                    if skip_bad_images:
+                        report.skipped["bad image"] += 1
+                        continue
+            if ids is not None:
+                length = expanded_length(ids, num_image_tokens)
+                report.truncated += length > max_len
+                if length > max_seq_len and max_len > max_seq_len:
+                    too_long.append(f"{name}: {length} positions")
+            report.records.append(record)
+    errors = []
+    for kind, flag in (("record", "--skip_bad_records"), ("image", "--skip_bad_images")):
+        skipping = skip_bad_records if kind == "record" else skip_bad_images
+        if bad[kind] and not skipping:
+            errors.append(f"{len(bad[kind])} bad {kind}(s), first: " + "; ".join(bad[kind][:show]) +
+                          f" (fix them, or pass {flag} to leave them out)")
+    if too_long:
+        errors.append(f"{len(too_long)} sample(s) longer than the model's max_seq_len {max_seq_len}, which "
+                      f"max_len {max_len} would keep, first: " + "; ".join(too_long[:show]) +
+                      f" (pass --max_len {max_seq_len} or less)")
+    if errors:
+        raise DataError(" | ".join(errors))
+    return report
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA-Med records (alignment, instruct or VQA) → dict(input_ids, labels, pixel_values).
 
@@ -184,6 +335,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.samples: list[tuple[torch.Tensor, torch.Tensor, str | None]] = []
         self.dropped: Counter = Counter()
         for record in records:
+            problem = record_problem(record)
+            if problem:
+                raise ValueError(f"{where}record {record.get('id', '?')!r}: {problem}")
             conv = conversations_of(record, where)
             image = record.get("image")
             try:

@@ -18,8 +18,9 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
+from minillavamed.checkpoint import CheckpointError, check_vocab
 from minillavamed.conversation import Template, build_prompt, get_template, tokenize_prompt
-from minillavamed.data import ImageProcessor, load_image
+from minillavamed.data import ImageLoadError, ImageProcessor, load_image
 from minillavamed.llava import LlavaMed
 from minillavamed.tokenizer import Tokenizer
 
@@ -34,15 +35,18 @@ class Assistant:
     @classmethod
     def load(cls, path, vision_tower=None, conv: str | None = None, device="cpu", dtype=None) -> "Assistant":
         """A checkpoint directory in any layout LlavaMed reads, with its tokenizer.model beside the weights."""
-        model = LlavaMed.from_pretrained(path, vision_tower=vision_tower, dtype=dtype, device=device).eval()
         tokenizer_file = Path(path) / "tokenizer.model"
         if not tokenizer_file.exists():
             raise FileNotFoundError(f"{tokenizer_file}: the checkpoint has no SentencePiece tokenizer.model")
-        return cls.for_model(model, Tokenizer(tokenizer_file), conv)
+        model = LlavaMed.from_pretrained(path, vision_tower=vision_tower, dtype=dtype, device=device).eval()
+        check_finite(model, path)
+        return cls.for_model(model, Tokenizer(tokenizer_file), conv, where=path)
 
     @classmethod
-    def for_model(cls, model: LlavaMed, tokenizer: Tokenizer, conv: str | None = None) -> "Assistant":
+    def for_model(cls, model: LlavaMed, tokenizer: Tokenizer, conv: str | None = None,
+                  where: str | os.PathLike = "the model") -> "Assistant":
         cfg = model.cfg
+        check_vocab(cfg, tokenizer.vocab_size, where)
         return cls(model, tokenizer, get_template(conv or cfg.conv_template),
                    ImageProcessor.for_model(cfg.vision.image_size, cfg.image_aspect_ratio))
 
@@ -81,7 +85,7 @@ class Assistant:
             ids.to(self.device), None if pixel_values is None else pixel_values.to(dtype), mask.to(self.device),
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             eos_id=self.tokenizer.eos_id, stop_strings=self.template.stop_strings, decode=self.tokenizer.decode,
-            generator=generator, on_token=on_token)
+            generator=generator, on_token=on_token, vocab_size=self.tokenizer.vocab_size)
         return [self.cut(self.tokenizer.decode(o)) for o in out]
 
     def cut(self, text: str) -> str:
@@ -91,24 +95,44 @@ class Assistant:
         return text.strip()
 
 
+def check_finite(model: LlavaMed, where) -> None:
+    """NaN or inf weights answer with garbage or nothing at all: refuse them, naming the first tensor."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"{where}: weight {name} holds NaN or inf values; the checkpoint is broken "
+                                  "(a diverged run saves none: take an earlier checkpoint)")
+
+
 def answer_questions(
     assistant: Assistant,
     questions: Sequence[dict],
     image_root: str | os.PathLike | None,
     batch_size: int = 8,
     on_batch: Callable[[Sequence[dict], list[str], int, float], None] | None = None,
+    on_bad_image: Callable[[dict, ImageLoadError], None] | None = None,
     **generate_kw,
-) -> list[str]:
+) -> list[str | None]:
     """Answers for question dicts {"text", "image"?} in batches; after each batch
-    `on_batch(questions, answers, done, seconds)` (to save them at once, or to show progress)."""
-    answers: list[str] = []
+    `on_batch(questions, answers, done, seconds)` (to save them at once, or to show progress) with the
+    questions answered. An unreadable image raises ImageLoadError naming it, unless `on_bad_image(question,
+    error)` is given: then that question is skipped and its answer is None."""
+    answers: list[str | None] = []
     start = time.perf_counter()
     for i in range(0, len(questions), batch_size):
-        chunk = questions[i:i + batch_size]
-        images = [load_image(os.path.join(os.fspath(image_root), q["image"])) if q.get("image") else None
-                  for q in chunk]
-        new = assistant.answer([q["text"] for q in chunk], images, **generate_kw)
-        answers += new
-        if on_batch is not None:
-            on_batch(chunk, new, len(answers), time.perf_counter() - start)
+        chunk, images, skipped = [], [], set()
+        for k, q in enumerate(questions[i:i + batch_size]):
+            try:
+                images.append(load_image(os.path.join(os.fspath(image_root), q["image"])) if q.get("image") else None)
+            except ImageLoadError as e:
+                if on_bad_image is None:
+                    raise
+                on_bad_image(q, e)
+                skipped.add(k)
+                continue
+            chunk.append(q)
+        new = assistant.answer([q["text"] for q in chunk], images, **generate_kw) if chunk else []
+        replies = iter(new)
+        answers += [None if k in skipped else next(replies) for k in range(len(chunk) + len(skipped))]
+        if chunk and on_batch is not None:
+            on_batch(chunk, new, sum(a is not None for a in answers), time.perf_counter() - start)
     return answers

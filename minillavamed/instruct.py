@@ -389,7 +389,13 @@ def redact(text: str) -> str:
 
 
 class APIFailure(Exception):
-    """A request that failed for good (retries exhausted, or an error retrying cannot fix); str() is safe to log."""
+    """A request that failed for good (retries exhausted, or an error retrying cannot fix); str() is safe to log.
+    `kind` says what failed last: "connection" (no server answered, so nothing was paid for: a re-run
+    retries it), "timeout", "rate_limit", "server", "malformed", "client" (another 4xx) or "refusal"."""
+
+    def __init__(self, message: str, kind: str = "client"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class _MalformedResponse(Exception):
@@ -459,7 +465,7 @@ class ChatClient:
         return delay / 2 + random.uniform(0, delay / 2)  # jitter spreads out workers that failed together
 
     async def complete(self, messages: list[dict]) -> str:
-        last = "no attempt made"
+        last, kind = "no attempt made", "connection"
         for attempt in range(self.cfg.max_retries + 1):
             wait = self.backoff(attempt)
             try:
@@ -471,22 +477,23 @@ class ChatClient:
             except openai.RateLimitError as e:
                 server_wait = retry_after_seconds(e.response.headers)
                 wait = max(wait, server_wait or 0.0)
-                last = f"HTTP 429 rate limited (Retry-After {server_wait})"
+                last, kind = f"HTTP 429 rate limited (Retry-After {server_wait})", "rate_limit"
             except openai.APITimeoutError:
-                last = f"timed out after {self.cfg.timeout}s"
+                last, kind = f"timed out after {self.cfg.timeout}s", "timeout"
             except openai.APIConnectionError as e:
-                last = f"connection error: {e}"
+                cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
+                last, kind = f"connection error: {e}{cause}", "connection"
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
                 raise FatalAPIError(redact(f"HTTP {e.status_code}: {e.message}")) from None
             except openai.APIStatusError as e:
                 if e.status_code < 500 and e.status_code not in (408, 409):
                     raise APIFailure(redact(f"HTTP {e.status_code}: {e.message}")) from None
-                last = f"HTTP {e.status_code}: {e.message}"
+                last, kind = f"HTTP {e.status_code}: {e.message}", "server"
             except (openai.APIResponseValidationError, ValueError, _MalformedResponse) as e:
-                last = f"malformed response: {e}"
+                last, kind = f"malformed response: {e}", "malformed"
             if attempt < self.cfg.max_retries:
                 await asyncio.sleep(wait)
-        raise APIFailure(redact(f"gave up after {self.cfg.max_retries + 1} attempts; last error: {last}"))
+        raise APIFailure(redact(f"gave up after {self.cfg.max_retries + 1} attempts; last error: {last}"), kind)
 
     def _reply_text(self, resp) -> str:
         usage = getattr(resp, "usage", None)
@@ -498,9 +505,9 @@ class ChatClient:
             raise _MalformedResponse("no choices in the response")
         choice = choices[0]
         if getattr(choice.message, "refusal", None):
-            raise APIFailure(redact(f"refusal: {choice.message.refusal[:200]}"))
+            raise APIFailure(redact(f"refusal: {choice.message.refusal[:200]}"), "refusal")
         if choice.finish_reason == "content_filter":
-            raise APIFailure("refusal: stopped by the content filter")
+            raise APIFailure("refusal: stopped by the content filter", "refusal")
         if not isinstance(choice.message.content, str) or not choice.message.content.strip():
             raise _MalformedResponse("empty message content")
         return choice.message.content

@@ -200,13 +200,15 @@ class LlavaMed(nn.Module):
         decode: Callable[[list[int]], str] | None = None,
         generator: torch.Generator | None = None,
         on_token: Callable[[torch.Tensor, list[bool]], None] | None = None,
+        vocab_size: int | None = None,
     ) -> list[list[int]]:
         """New token ids for each prompt row (EOS excluded), `temperature` 0 meaning greedy.
 
         A row stops at `eos_id` (default: the config's) or once its decoded text contains one of
         `stop_strings` (which needs `decode`); the stop string's tokens are kept for the caller to cut.
         `on_token(tokens, active)` sees each step's tokens (batch,) and which rows (a list of bools) were
-        still running, for streaming.
+        still running, for streaming. With `vocab_size` (the tokenizer's), ids past it are never chosen: a
+        llava-hf checkpoint's `<image>` row, for one, has no piece to decode.
         """
         if stop_strings and decode is None:
             raise ValueError("stop_strings need a decode function to read the generated text")
@@ -223,7 +225,7 @@ class LlavaMed(nn.Module):
         active = [True] * batch
         tail = max((len(s) for s in stop_strings), default=0) + 4  # tokens enough to hold any stop string
         for step in range(max_new_tokens):
-            tokens = sample_next(logits, temperature, top_k, top_p, generator)
+            tokens = sample_next(logits, temperature, top_k, top_p, generator, vocab_size)
             if on_token is not None:
                 on_token(tokens, list(active))
             for b, t in enumerate(tokens.tolist()):  # one device sync per step, then plain Python
@@ -245,8 +247,12 @@ class LlavaMed(nn.Module):
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from (batch, vocab) logits: argmax at temperature 0, else top-k / top-p sampling."""
+                generator: torch.Generator | None = None, vocab_size: int | None = None) -> torch.Tensor:
+    """One token per row from (batch, vocab) logits: argmax at temperature 0, else top-k / top-p sampling;
+    rows past `vocab_size` (ids the tokenizer cannot decode) are never chosen."""
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, vocab_size:] = float("-inf")
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -145,14 +146,55 @@ def test_malformed_json_names_file_and_line(tmp_path):
 
 
 def test_bad_records_name_the_record(root, tok):
-    with pytest.raises(ValueError, match="'r7' has no 'conversations'"):
+    with pytest.raises(ValueError, match="train.json: record 'r7': no 'conversations' key"):
         make([{"id": "r7", "image": "a.png"}], root, tok, source="train.json")
-    with pytest.raises(ValueError, match="'r8' has an empty"):
+    with pytest.raises(ValueError, match="'r8': 'conversations' is not a non-empty list"):
         make([{"id": "r8", "conversations": []}], root, tok)
-    with pytest.raises(ValueError, match="'r9'.*speaker"):
+    with pytest.raises(ValueError, match="'r9': turn 0 is from 'bot', not 'human' or 'gpt'"):
         make([{"id": "r9", "conversations": [{"from": "bot", "value": "x"}]}], root, tok)
-    with pytest.raises(ValueError, match="'r10' has an image but no <image>"):
+    with pytest.raises(ValueError, match="'r10': one image but 0 <image> in the conversation"):
         make([dict(TEXT, id="r10", image="a.png")], root, tok)
+
+
+@pytest.mark.parametrize("record,message", [
+    # each of these used to train on something else than the record says, or fail later unnamed
+    (dict(ALIGN, conversations=[ALIGN["conversations"][0], {"from": "gpt", "value": None}]),
+     "turn 1 has value None, not text"),
+    ({"id": "PMC1_fig1", "conversations": ALIGN["conversations"]}, "no 'image' but 1 <image> in the conversation"),
+    (dict(ALIGN, image=["a.png"]), "'image' is ['a.png'], not a file name"),
+    (dict(ALIGN, image=None), "'image' is None, not a file name; leave the key out for a text-only record"),
+    (dict(INSTRUCT, conversations=INSTRUCT["conversations"][:2] + [
+        {"from": "human", "value": "<image>\nand this?"}, INSTRUCT["conversations"][3]]),
+     "one image but 2 <image> in the conversation"),
+])
+def test_records_the_dataset_would_change_silently_are_refused(root, tok, record, message):
+    with pytest.raises(ValueError, match=re.escape(f"train.json: record {record['id']!r}: {message}")):
+        make([record], root, tok, source="train.json")
+
+
+def test_check_data_names_file_line_and_id(root, tok, tmp_path):
+    from minillavamed.data import DataError, check_data
+
+    good = dict(ALIGN, image="a.png")
+    lines = [good, dict(good, id="v", conversations=[ALIGN["conversations"][0], {"from": "gpt", "value": None}]),
+             dict(good, id="m", image="missing.png"), good]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    args = (root, get_template("vicuna_v1"), tok, 512, N_IMG, 512)
+    with pytest.raises(DataError) as e:
+        check_data([path], *args)
+    assert f"1 bad record(s), first: {path}:2 (id 'v'): turn 1 has value None" in str(e.value)
+    assert f"1 bad image(s), first: {path}:3 (id 'm'): image file not found" in str(e.value)
+    report = check_data([path], *args, skip_bad_records=True, skip_bad_images=True)
+    assert report.records == [good, good]
+    assert report.summary() == {"records_read": 4, "records_skipped": 2,
+                                "skipped_reasons": {"bad record": 1, "bad image": 1}, "samples_truncated": 0}
+    assert check_data([path], root, get_template("vicuna_v1"), tok, 30, N_IMG, 512, True, True).truncated == 2
+    with pytest.raises(DataError, match=f"longer than the model's max_seq_len 20, which max_len 512 would keep, "
+                                        f"first: {path}:1 \\(id 'PMC1_fig1'\\)"):
+        check_data([path], root, get_template("vicuna_v1"), tok, 512, N_IMG, 20, True, True)
+
+
     # A typo in some released LLaVA-Med files; LLaVA-Med's own loader accepts it, so do we.
     typo = {"id": "t", "image": "a.png", "conversatons": ALIGN["conversations"]}
     assert len(make([typo], root, tok)) == 1

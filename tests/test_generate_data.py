@@ -224,3 +224,36 @@ def test_bad_input_names_file_and_line(tmp_path, lines, message):
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     res = run(gen_cmd(tmp_path, "http://127.0.0.1:9/v1"))
     assert res.returncode != 0 and message in res.stderr
+
+
+def test_refused_connections_stop_the_run_and_are_retried_by_the_next(tmp_path):
+    ids = make_input(tmp_path / "in.jsonl", 5)
+    res = run(gen_cmd(tmp_path, "http://127.0.0.1:9/v1", "--max_retries", "1"))  # nothing listens on port 9
+    assert res.returncode == 2
+    last = res.stderr.strip().splitlines()[-1]
+    assert "no server answered at http://127.0.0.1:9/v1" in last and "connection error" in last
+    assert "check --base_url" in last
+    fails = rows(tmp_path / "out.jsonl.failures.jsonl")
+    assert {r["kind"] for r in fails} == {"connection"} and rows(tmp_path / "out.jsonl") == []
+
+    with StubServer() as stub:
+        res = run(gen_cmd(tmp_path, stub.url))
+    assert res.returncode == 0, res.stderr
+    assert f"retrying {len(fails)} record(s) that failed because no server answered" in res.stderr
+    assert_exactly_once(ids, rows(tmp_path / "out.jsonl"), rows(tmp_path / "out.jsonl.failures.jsonl"))
+    assert rows(tmp_path / "out.jsonl.failures.jsonl") == []
+
+
+def test_every_record_failing_for_one_reason_exits_non_zero(tmp_path):
+    ids = make_input(tmp_path / "in.jsonl", 3)
+    with StubServer(plan={i: ["500"] for i in ids}) as stub:
+        res = run(gen_cmd(tmp_path, stub.url, "--max_retries", "0"))
+        assert res.returncode == 1
+        last = res.stderr.strip().splitlines()[-1]
+        assert "error: every record failed: gave up after 1 attempts; last error: HTTP 500" in last
+        assert "(x3)" in last and "--retry_failed" in last
+        assert [r["kind"] for r in rows(tmp_path / "out.jsonl.failures.jsonl")] == ["server"] * 3
+
+        res = run(gen_cmd(tmp_path, stub.url))  # the next run says how to redo them, and asks nothing
+        assert res.returncode == 0 and len(stub.requests) == 3
+        assert "3 record(s) failed in an earlier run and are skipped; --retry_failed redoes them" in res.stderr

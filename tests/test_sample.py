@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessor
 
 import hf_oracle as hf
 import sample
 from minillavamed.conversation import build_prompt, get_template, tokenize_prompt
 from minillavamed.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from minillavamed import LlavaMed
 from minillavamed.inference import Assistant
 from minillavamed.tokenizer import train_tokenizer
 from transformers import LlavaConfig, LlavaForConditionalGeneration
@@ -113,3 +119,49 @@ def test_chat_session(checkpoint, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.count("assistant> ") == 3
     assert "error: image file not found" in out and "missing.png" in out
+
+
+def run_sample(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "sample.py", *argv], cwd=root, input=stdin, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+
+
+def test_generation_never_emits_an_id_the_tokenizer_cannot_decode(checkpoint, tmp_path):
+    # llava-hf's extra <image> row made the most likely token: embeddings carry a large constant in dimension 0
+    # (so every normalized hidden state points along it) and only the extra output row reads that dimension.
+    root, _, tok = checkpoint
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    files = list(model.glob("*.safetensors"))
+    for f in files:
+        w = load_file(f)
+        for k in w:
+            if k.endswith("embed_tokens.weight"):
+                w[k][:, 0] = 1000.0
+            if k.endswith("lm_head.weight"):
+                w[k][:, 0] = 0.0
+                w[k][tok.vocab_size, 0] = 100.0
+        save_file(w, f, metadata={"format": "pt"})
+    assistant = Assistant.load(model)
+    ids = torch.tensor([tokenize_prompt(build_prompt(assistant.template, "hi", with_image=False), tok,
+                                        with_image=False)])
+    assert assistant.model.generate(ids, max_new_tokens=2)[0][0] == tok.vocab_size  # what decoding died on
+
+    res = run_sample("--model", str(model), "--chat", "--max_new_tokens", "4", stdin="hi\nand again?\n/quit\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("assistant> ") == 2
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(checkpoint, tmp_path):
+    root, _, _ = checkpoint
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    big = train_tokenizer(TEXTS * 3 + [f"word{i} token{i}" for i in range(400)], tmp_path / "tok", vocab_size=500)
+    shutil.copy(tmp_path / "tok" / "tokenizer.model", model / "tokenizer.model")
+    res = run_sample("--model", str(model), "--prompt", "hi")
+    assert res.returncode == 1
+    rows = LlavaMed.from_pretrained(model).cfg.decoder.vocab_size
+    assert big.vocab_size > rows
+    assert (f"{model}: the model has {rows} vocabulary rows but its tokenizer.model has {big.vocab_size} "
+            "pieces") in res.stderr.strip().splitlines()[-1]
