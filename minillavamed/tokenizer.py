@@ -71,9 +71,10 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids` without special pieces or the (negative) image sentinel."""
-        specials = set(self.special_ids.values())
-        return self.sp.decode([int(i) for i in ids if int(i) >= 0 and int(i) not in specials])
+        """Text of `ids` without special pieces, the (negative) image sentinel, or ids past the SentencePiece
+        vocabulary (rows a checkpoint adds to its embeddings, e.g. llava-hf's image token), which have no text."""
+        specials, size = set(self.special_ids.values()), self.sp.get_piece_size()
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < size and int(i) not in specials])
 
     def piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
