@@ -22,6 +22,7 @@ import base64
 import binascii
 import hmac
 import io
+import ipaddress
 import json
 import os
 import queue
@@ -44,7 +45,6 @@ from minillavamed.decoder import KVCache
 from minillavamed.inference import Assistant, left_pad
 from minillavamed.llava import sample_next
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 
 
@@ -82,10 +82,14 @@ class Job:
     top_p: float
     stops: tuple[str, ...]  # the template's stop strings, then the request's
     generator: torch.Generator | None
-    events: queue.Queue = field(default_factory=queue.Queue)  # ("delta", text) ... ("done", reply, finish_reason)
+    # ("delta", text)s (the first, "", at the first token), then ("done", reply, finish_reason, completion_tokens),
+    # ("error", status, message) or ("cancelled",)
+    events: queue.Queue = field(default_factory=queue.Queue)
     tokens: list[int] = field(default_factory=list)
     shown: str = ""  # text already streamed: always a prefix of the final reply
+    started: bool = False  # its first token is out (streams send their first chunk then)
     cancelled: bool = False  # set by the HTTP thread when its client disconnects
+    finished: bool = False  # its last event is out and it no longer counts against the queue
 
 
 # ----------------------------------------------------------------------------- requests -> jobs
@@ -217,9 +221,12 @@ def make_job(assistant: Assistant, body: dict, cfg: ServeConfig) -> Job:
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = _number({"max_tokens": limit}, "max_tokens", context - prompt_tokens, int, 1)
     generator = None
-    if temperature > 0:
+    if temperature > 0:  # each request draws from its own generator, so a seed repeats its answer
         generator = torch.Generator(device=assistant.device)
-        generator.manual_seed(seed) if seed is not None else generator.seed()
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
     pixels = None
     if image is not None:
         pixels = assistant.processor(image).to(assistant.device, next(assistant.model.parameters()).dtype)
@@ -257,6 +264,9 @@ class Scheduler(threading.Thread):
         self.inbox.put(job)
 
     def _finish(self, job: Job, *event) -> None:
+        if job.finished:  # a job that finished just before a failing step is not failed again
+            return
+        job.finished = True
         job.events.put(event)
         with self.lock:
             self.in_flight -= 1
@@ -356,6 +366,9 @@ class Scheduler(threading.Thread):
         if job.cancelled:
             self._finish(job, "cancelled")
             return True
+        if not job.started:
+            job.started = True
+            job.events.put(("delta", ""))
         finish = None
         if token == self.eos_id:
             finish = "stop"
@@ -498,8 +511,8 @@ def _handler(assistant: Assistant, cfg: ServeConfig, scheduler: Scheduler):
                 "usage": usage(job, completion_tokens)})
 
         def stream(self, job: Job, include_usage: bool) -> None:
-            """Server-sent events as OpenAI sends them: a role chunk, content chunks, a finish_reason chunk,
-            optionally a usage chunk, then [DONE]. The body ends when the connection closes."""
+            """Server-sent events as OpenAI sends them: a role chunk at the first token, content chunks, a
+            finish_reason chunk, optionally a usage chunk, then [DONE]. The body ends when the connection closes."""
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -518,9 +531,12 @@ def _handler(assistant: Assistant, cfg: ServeConfig, scheduler: Scheduler):
                 self.wfile.flush()
 
             try:
+                event = self.wait(job)  # the first token (or an error): the role chunk goes out then
                 send({"role": "assistant", "content": ""})
-                while (event := self.wait(job))[0] == "delta":
-                    send({"content": event[1]})
+                while event[0] == "delta":
+                    if event[1]:
+                        send({"content": event[1]})
+                    event = self.wait(job)
                 if event[0] == "error":
                     self.wfile.write(f"data: {json.dumps(APIError(event[1], event[2]).body())}\n\n".encode())
                 else:
@@ -544,7 +560,11 @@ def usage(job: Job, completion_tokens: int) -> dict:
 
 
 def access_warning(host: str, api_key: str | None) -> str | None:
-    if host in LOOPBACK or api_key is not None:
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if loopback or api_key is not None:
         return None
     return (f"warning: serving on {host}, beyond this machine, with no authentication: anyone who can reach it can "
             "use the model. Pass --api_key KEY to require 'Authorization: Bearer KEY'.")

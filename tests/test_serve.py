@@ -285,7 +285,9 @@ def test_api_key_is_required_when_set(assistant):
         assert raw(s, "GET", "/v1/models")[0] == 401
         assert ask(client(s, api_key="s3cret"), [user(QUESTIONS[3])]).choices[0].message.content
     assert "no authentication" in access_warning("0.0.0.0", None)
+    assert "no authentication" in access_warning("my-host.example", None)
     assert access_warning("0.0.0.0", "s3cret") is None and access_warning("127.0.0.1", None) is None
+    assert access_warning("localhost", None) is None
 
 
 def test_sample_py_serve_flags(monkeypatch, checkpoint):
