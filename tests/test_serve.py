@@ -8,8 +8,12 @@ import dataclasses
 import http.client
 import json
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -301,6 +305,28 @@ def test_sample_py_serve_flags(monkeypatch, checkpoint):
         sample.main(["--model", str(checkpoint / NAME), "--serve", "--image_root", str(checkpoint / "nowhere")])
     with pytest.raises(SystemExit):
         sample.main(["--model", str(checkpoint / NAME), "--serve", "--prompt", "hi"])
+
+
+def test_sample_py_serve_end_to_end(checkpoint, assistant):
+    """The CLI as a user runs it, in its own process: it says where it serves and answers as sample.py."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(Path(sample.__file__)), "--model", str(checkpoint / NAME), "--serve",
+                             "--port", str(port), "--served_name", "med"], stderr=subprocess.PIPE, text=True)
+    try:
+        banner = ""
+        for _ in range(50):  # bounded: the banner comes once the socket is bound, after any import warnings
+            banner = proc.stderr.readline()
+            if "serving" in banner or not banner:
+                break
+        assert f"http://127.0.0.1:{port}/v1" in banner and "'med'" in banner
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model="med", messages=[user(QUESTIONS[3])], temperature=0, max_tokens=24)
+        assert r.choices[0].message.content == serial(assistant, QUESTIONS[3])
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
 
 
 def test_judge_runs_against_the_server(tmp_path, assistant, server, monkeypatch):
