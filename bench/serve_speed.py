@@ -3,13 +3,14 @@
 The tiny preset with random weights and a small SentencePiece tokenizer is saved to a temporary checkpoint;
 `python sample.py --model DIR --serve` runs it in a subprocess on 127.0.0.1, and C concurrent clients (threads
 with the openai client, streaming) each send R greedy requests back to back: an image plus a question, all
-different, `max_tokens` fixed. Beside it the same requests are answered one after another by
-`Assistant.answer` in this process (what `sample.py --prompt` runs), all C*R arriving at once, as a server
-without batching would answer them.
+different, `max_tokens` fixed. Beside it the same clients are served one request at a time,
+first come first served, by `Assistant.answer` in this process (what `sample.py --prompt` runs): a server
+without batching.
 
 Throughput is completion tokens (the server's `usage`) over the wall time of all requests; time to first
 token (TTFT) is from sending a request to its first streamed chunk (the server sends it at the first sampled
-token), or to the first `on_token` call for the serial side, which includes the wait behind earlier requests.
+token); on the serial side from the request's arrival (its client's previous answer) to its first `on_token`
+call, which includes the wait behind the other clients' requests.
 
     python bench/serve_speed.py                          # 1, 4 and 16 clients, 2 requests each, 64 tokens
     python bench/serve_speed.py --clients 1 4 16 --requests 2 --max_tokens 64
@@ -110,17 +111,24 @@ def run_server(url: str, name: str, clients: int, reqs, max_tokens: int) -> tupl
     return time.perf_counter() - t0, ttft, tokens[0]
 
 
-def run_serial(assistant: Assistant, reqs, max_tokens: int) -> tuple[float, list[float], int]:
-    ttft, tokens = [], 0
+def run_serial(assistant: Assistant, reqs, clients: int, max_tokens: int) -> tuple[float, list[float], int]:
+    """The same clients against a server that answers one request at a time, first come first served: request
+    i (client i % clients) arrives when that client's previous one is answered, and waits for those before it."""
+    ttft, tokens, done = [], 0, []
     t0 = time.perf_counter()
-    for question, _, image in reqs:
-        first = []
-        counted = []
-        assistant.answer([question], [image], max_new_tokens=max_tokens,
-                         on_token=lambda t, active: (first or first.append(time.perf_counter() - t0),
-                                                     active[0] and int(t[0]) != assistant.tokenizer.eos_id
-                                                     and counted.append(1)))
-        ttft.append(first[0])
+    for i, (question, _, image) in enumerate(reqs):
+        arrived = t0 if i < clients else done[i - clients]
+        first, counted = [], []
+
+        def on_token(t, active):
+            if not first:
+                first.append(time.perf_counter())
+            if active[0] and int(t[0]) != assistant.tokenizer.eos_id:
+                counted.append(1)
+
+        assistant.answer([question], [image], max_new_tokens=max_tokens, on_token=on_token)
+        done.append(time.perf_counter())
+        ttft.append(first[0] - arrived)
         tokens += len(counted)
     return time.perf_counter() - t0, ttft, tokens
 
@@ -156,7 +164,7 @@ def main() -> None:
                 raise SystemExit("the server did not come up within a minute")
             size = assistant.model.cfg.vision.image_size
             run_server(url, ckpt.name, 1, requests(2, size), 8)  # warm-up
-            run_serial(assistant, requests(2, size), 8)
+            run_serial(assistant, requests(2, size), 1, 8)
             print(f"tiny preset (random), {args.max_tokens} new tokens per request, greedy, {args.requests} requests "
                   f"per client, max_batch {args.max_batch}, {args.threads} torch threads")
             print(f"{'clients':>7} | {'served tok/s':>12} {'TTFT p50 ms':>11} {'p95 ms':>8} | "
@@ -164,7 +172,7 @@ def main() -> None:
             for clients in args.clients:
                 reqs = requests(clients * args.requests, size)
                 s_wall, s_ttft, s_tokens = run_server(url, ckpt.name, clients, reqs, args.max_tokens)
-                r_wall, r_ttft, r_tokens = run_serial(assistant, reqs, args.max_tokens)
+                r_wall, r_ttft, r_tokens = run_serial(assistant, reqs, clients, args.max_tokens)
                 if s_tokens != r_tokens:
                     print(f"  note: served {s_tokens} tokens, serial {r_tokens}")
                 s_rate, r_rate = s_tokens / s_wall, r_tokens / r_wall
