@@ -82,6 +82,7 @@ class Job:
     top_p: float
     stops: tuple[str, ...]  # the template's stop strings, then the request's
     generator: torch.Generator | None
+    stream: bool  # send text as it is generated ("delta" events), not only the whole reply
     # ("delta", text)s (the first, "", at the first token), then ("done", reply, finish_reason, completion_tokens),
     # ("error", status, message) or ("cancelled",)
     events: queue.Queue = field(default_factory=queue.Queue)
@@ -208,6 +209,9 @@ def make_job(assistant: Assistant, body: dict, cfg: ServeConfig) -> Job:
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, "'stream' must be true or false", "stream")
     image = None if image_part is None else load_image_part(image_part, cfg.image_root)
     prompt = assistant.prompt_ids(question, image is not None, history, system)
     if prompt.count(IMAGE_TOKEN_INDEX) != (image is not None):
@@ -231,7 +235,7 @@ def make_job(assistant: Assistant, body: dict, cfg: ServeConfig) -> Job:
     if image is not None:
         pixels = assistant.processor(image).to(assistant.device, next(assistant.model.parameters()).dtype)
     return Job(prompt, pixels, prompt_tokens, min(max_tokens, context - prompt_tokens), temperature, top_p,
-               tuple(assistant.template.stop_strings) + tuple(stop), generator)
+               tuple(assistant.template.stop_strings) + tuple(stop), generator, stream)
 
 
 # ----------------------------------------------------------------------------- the scheduler
@@ -366,7 +370,7 @@ class Scheduler(threading.Thread):
         if job.cancelled:
             self._finish(job, "cancelled")
             return True
-        if not job.started:
+        if job.stream and not job.started:
             job.started = True
             job.events.put(("delta", ""))
         finish = None
@@ -379,6 +383,8 @@ class Scheduler(threading.Thread):
                 finish = "stop"
             elif len(job.tokens) >= job.max_tokens:
                 finish = "length"
+        if finish is None and not job.stream:
+            return False
         text = self.decode(job.tokens)
         if finish is not None:
             reply = self.assistant.cut(text)
@@ -453,10 +459,7 @@ def _handler(assistant: Assistant, cfg: ServeConfig, scheduler: Scheduler):
                                    code="not_found")
                 body = self.read_body()
                 job = make_job(assistant, body, cfg)
-                stream = body.get("stream", False)
-                if not isinstance(stream, bool):
-                    raise APIError(400, "'stream' must be true or false", "stream")
-                include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+                include_usage = job.stream and bool((body.get("stream_options") or {}).get("include_usage"))
                 scheduler.submit(job)
             except APIError as e:
                 self.send_error_json(e)
@@ -465,7 +468,7 @@ def _handler(assistant: Assistant, cfg: ServeConfig, scheduler: Scheduler):
                 traceback.print_exc()
                 self.send_error_json(APIError(500, "internal error (see the server's log)"))
                 return
-            if stream:
+            if job.stream:
                 self.stream(job, include_usage)
             else:
                 self.complete(job)
