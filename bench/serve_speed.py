@@ -81,11 +81,17 @@ def percentile(xs: list[float], q: float) -> float:
 def run_server(url: str, name: str, clients: int, reqs, max_tokens: int) -> tuple[float, list[float], int]:
     """(wall seconds, TTFTs, completion tokens) for `clients` threads splitting `reqs` among them."""
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
-    ttft, tokens, lock = [], [0], threading.Lock()
+    ttft, tokens, errors, lock = [], [0], [], threading.Lock()
     start = threading.Barrier(clients + 1)
 
     def worker(mine):
         start.wait()
+        try:
+            ask_all(mine)
+        except openai.OpenAIError as e:
+            errors.append(repr(e))
+
+    def ask_all(mine):
         for question, image_url, _ in mine:
             sent = time.perf_counter()
             first = None
@@ -108,6 +114,8 @@ def run_server(url: str, name: str, clients: int, reqs, max_tokens: int) -> tupl
     t0 = time.perf_counter()
     for t in threads:
         t.join()
+    if errors:
+        raise SystemExit(f"{len(errors)} of {clients} clients failed: {errors[0]}")
     return time.perf_counter() - t0, ttft, tokens[0]
 
 
@@ -139,6 +147,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--max_tokens", type=int, default=64)
     p.add_argument("--max_batch", type=int, default=16)
+    p.add_argument("--server_log", type=Path, default=None, help="write the server's stderr here")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,7 +159,7 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         server = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--model", str(ckpt), "--serve",
                                    "--port", str(port), "--max_batch", str(args.max_batch), "--device", "cpu"],
-                                  env=env, stderr=subprocess.DEVNULL)
+                                  env=env, stderr=open(args.server_log, "w") if args.server_log else subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}/v1"
         try:
             probe = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=5)

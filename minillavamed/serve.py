@@ -573,13 +573,17 @@ def access_warning(host: str, api_key: str | None) -> str | None:
             "use the model. Pass --api_key KEY to require 'Authorization: Bearer KEY'.")
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the default backlog of 5 drops connections when many clients connect at once
+
+
 class Server:
     """The HTTP server and its scheduler; `start()` serves from background threads, `stop()` ends both."""
 
     def __init__(self, assistant: Assistant, cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000):
         self.scheduler = Scheduler(assistant, cfg.max_batch)
-        self.httpd = ThreadingHTTPServer((host, port), _handler(assistant, cfg, self.scheduler))
-        self.httpd.daemon_threads = True
+        self.httpd = _HTTPServer((host, port), _handler(assistant, cfg, self.scheduler))
         self.thread: threading.Thread | None = None
 
     @property
