@@ -96,7 +96,8 @@ def run_server(url: str, name: str, clients: int, reqs, max_tokens: int) -> tupl
             sent = time.perf_counter()
             first = None
             for chunk in client.chat.completions.create(
-                    model=name, max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
+                    model=name, max_tokens=max_tokens, temperature=0, stream=True,
+                    stream_options={"include_usage": True},
                     messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
                                                            {"type": "text", "text": question}]}]):
                 if first is None:

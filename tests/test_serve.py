@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
+import torch
 from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -128,7 +129,8 @@ def test_stream_joins_to_the_answer(checkpoint, assistant, server):
         chunks = list(ask(c, messages, max_tokens=40, stream=True, stream_options={"include_usage": True}))
         deltas = [ch.choices[0].delta.content or "" for ch in chunks if ch.choices]
         assert len([d for d in deltas if d]) > 2  # streamed as it was generated, not in one piece
-        assert "".join(deltas) == whole.choices[0].message.content == serial(assistant, question, image, max_new_tokens=40)
+        expected = serial(assistant, question, image, max_new_tokens=40)
+        assert "".join(deltas) == whole.choices[0].message.content == expected
         finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
         assert finishes[-1] == whole.choices[0].finish_reason and set(finishes[:-1]) == {None}
         assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
@@ -165,7 +167,6 @@ def test_sampling_seed_stop_and_max_tokens(checkpoint, assistant, server):
     messages = [user(QUESTIONS[0], data_url(checkpoint / "img0.png"))]
     one, two = (ask(c, messages, temperature=0.9, top_p=0.8, seed=3, max_tokens=30).choices[0].message.content
                 for _ in range(2))
-    import torch
     generator = torch.Generator().manual_seed(3)
     alone = serial(assistant, QUESTIONS[0], checkpoint / "img0.png", max_new_tokens=30, temperature=0.9, top_p=0.8,
                    generator=generator)
