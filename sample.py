@@ -4,6 +4,7 @@
   python sample.py --model DIR --vision_tower CLIP_DIR --image x.png --prompt "..."   # LLaVA-Med v1.5
   python sample.py --chat --image x.png                                       # /help lists the commands
   python sample.py --questions q.jsonl --image_folder imgs --answers answers.jsonl   # batched, resumable
+  python sample.py --model DIR --serve --port 8000                            # OpenAI chat API (serve.py)
 
 Question files are JSON lines {"question_id", "image", "text"} or our VQA JSON ({"id", "image",
 "conversations"}). Answers are appended as {"question_id", "prompt", "text", "answer_id", "model_id"} as
@@ -67,12 +68,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top_k", type=bounded(int, 0), default=0, help="0 = no top-k cut")
     p.add_argument("--max_new_tokens", type=bounded(int, 1), default=256)
     p.add_argument("--seed", type=int, default=0)
+    s = p.add_argument_group("--serve: OpenAI's chat-completions API (minillavamed/serve.py)")
+    s.add_argument("--serve", action="store_true")
+    s.add_argument("--host", type=str, default="127.0.0.1", help="beyond loopback, set --api_key")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--image_root", type=Path, default=None, help="image_url parts may name files under it")
+    s.add_argument("--served_name", type=str, default=None, help="the model id (default: the --model dir's name)")
+    s.add_argument("--max_batch", type=int, default=8, help="requests decoded together; as many more may wait")
+    s.add_argument("--api_key", type=str, default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPUs, float32 on CPUs")
     args = p.parse_args(argv)
-    modes = sum([args.prompt is not None, args.chat, args.questions is not None])
+    modes = sum([args.prompt is not None, args.chat, args.questions is not None, args.serve])
     if modes != 1:
-        p.error("give exactly one of --prompt, --chat or --questions")
+        p.error("give exactly one of --prompt, --chat, --questions or --serve")
+    if args.max_batch < 1:
+        p.error("--max_batch must be at least 1")
+    if args.image_root is not None and not args.image_root.is_dir():
+        p.error(f"--image_root {args.image_root} is not a directory")
     if args.questions is not None and args.answers is None:
         p.error("--questions needs --answers OUT.jsonl")
     return args
@@ -235,7 +248,13 @@ def main(argv=None) -> int:
         done = read_answers(args.answers, model_id)
     try:
         assistant = load_assistant(args)
-        if args.chat:
+        if args.serve:
+            from minillavamed.serve import ServeConfig, default_name, serve
+
+            cfg = ServeConfig(args.served_name or default_name(args.model or DEFAULT_MODEL), args.image_root,
+                              args.max_batch, api_key=args.api_key)
+            serve(assistant, cfg, args.host, args.port)
+        elif args.chat:
             chat(assistant, args)
         elif args.questions is not None:
             answer_file(assistant, args, questions, done, model_id)

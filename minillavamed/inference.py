@@ -9,6 +9,7 @@ answer through here, so they can never disagree on how a prompt is built.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -69,15 +70,8 @@ class Assistant:
     ) -> list[str]:
         """One reply per question; `histories` holds earlier (question, answer) turns of each chat."""
         histories = histories or [()] * len(questions)
-        v1 = self.model.cfg.mm_use_im_start_end
-        rows = [tokenize_prompt(build_prompt(self.template, q, h, with_image=im is not None, im_start_end=v1),
-                                self.tokenizer, with_image=im is not None, im_start_end=v1)
-                for q, im, h in zip(questions, images, histories)]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: every row's next token comes at the same column
-            ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+        ids, mask = left_pad([self.prompt_ids(q, im is not None, h) for q, im, h in zip(questions, images, histories)],
+                             self.tokenizer.pad_id)
         pixels = [self.processor(im) for im in images if im is not None]
         pixel_values = torch.stack(pixels).to(self.device) if pixels else None
         dtype = next(self.model.parameters()).dtype
@@ -87,6 +81,14 @@ class Assistant:
             eos_id=self.tokenizer.eos_id, stop_strings=self.template.stop_strings, decode=self.tokenizer.decode,
             generator=generator, on_token=on_token, vocab_size=self.tokenizer.vocab_size)
         return [self.cut(self.tokenizer.decode(o)) for o in out]
+
+    def prompt_ids(self, question: str, with_image: bool, history: Sequence[tuple[str, str]] = (),
+                   system: str | None = None) -> list[int]:
+        """The prompt's token ids (one image sentinel if `with_image`); `system` replaces the template's."""
+        template = self.template if system is None else dataclasses.replace(self.template, system=system)
+        v1 = self.model.cfg.mm_use_im_start_end
+        return tokenize_prompt(build_prompt(template, question, history, with_image=with_image, im_start_end=v1),
+                               self.tokenizer, with_image=with_image, im_start_end=v1)
 
     def cut(self, text: str) -> str:
         """The reply without its stop string and anything after it."""
@@ -101,6 +103,16 @@ def check_finite(model: LlavaMed, where) -> None:
         if not bool(torch.isfinite(p).all()):
             raise CheckpointError(f"{where}: weight {name} holds NaN or inf values; the checkpoint is broken "
                                   "(a diverged run saves none: take an earlier checkpoint)")
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) of prompt rows padded on the left: every row's next token comes at the same column."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+    return ids, mask
 
 
 def answer_questions(

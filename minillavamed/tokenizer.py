@@ -140,9 +140,11 @@ class Tokenizer:
         return self.sp_plain.encode(unk + text)[self._unk_pieces:]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids` without special or added tokens or the (negative) image sentinel."""
-        skip = set(self.special_ids.values())
-        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size and int(i) not in skip])
+        """Text of `ids` without special or added tokens, the (negative) image sentinel, or ids past the
+        SentencePiece vocabulary (rows a checkpoint adds to its embeddings, e.g. llava-hf's image token), which
+        have no text."""
+        specials, size = set(self.special_ids.values()), self.sp.get_piece_size()
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < size and int(i) not in specials])
 
     def piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
