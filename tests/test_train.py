@@ -255,17 +255,29 @@ def test_losses_are_bit_identical_with_any_number_of_data_workers(world, base, t
 
 
 def test_unreadable_images_are_skipped_and_counted_in_workers(world, base, tmp_path):
+    """A missing image is refused before any work (the validation pass opens every header); one whose header
+    opens but whose pixels are cut short fails only when a data worker decodes it, and is skipped there."""
     records = json.loads(Path(world["alignment"]).read_text())
+    images = Path(world["image_folder"])
+    (tmp_path / "cut").mkdir()
     for r in records:
-        r["image"] = "missing/" + r["image"]
+        whole = (images / r["image"]).read_bytes()
+        (tmp_path / "cut" / Path(r["image"]).name).write_bytes(whole[: len(whole) // 2])
+        r["image"] = "cut/" + Path(r["image"]).name
     data = tmp_path / "broken.json"
     data.write_text(json.dumps(records))
     out = tmp_path / "out"
     argv = args(world, 1, out, "--init_from", str(base), "--max_iters", "2", "--eval_questions", "0",
-                "--eval_data", "", "--num_workers", "2")
+                "--eval_data", "", "--num_workers", "2", "--image_folder", str(tmp_path))
     argv[argv.index("--data") + 1] = str(data)
-    with pytest.raises(ImageLoadError, match="image file not found"):
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps([{**r, "image": "nowhere/" + r["image"]} for r in records]))
+    with pytest.raises(SystemExit, match=r"missing\.json\[0\].*image file not found"):
+        train.main([a if a != str(data) else str(missing) for a in argv])
+    assert not (out / "checkpoints").exists()
+    with pytest.raises(ImageLoadError, match="cannot read image"):
         train.main(argv)
+    shutil.rmtree(out)  # that run stopped at its first batch: start again
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one "skipped: ..." per image
         assert train.main([*argv, "--skip_bad_images"]) == 0
