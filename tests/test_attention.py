@@ -31,6 +31,10 @@ DECODE = [
 ]
 CASES = PREFILL + DECODE
 case_id = lambda c: "x".join(map(str, c[:5])) + ("-causal" if c[5] else "")  # noqa: E731
+# Without a GPU the kernels run in the interpreter (conftest.py) in fp32; on a GPU they take fp16 / bf16 only.
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+KERNEL_DTYPE = torch.float16 if ON_GPU else torch.float32
 
 
 class LaunchCounter:
@@ -87,15 +91,16 @@ def test_naive_is_the_textbook_formula(case):
     torch.testing.assert_close(attention(q, k, v, causal=causal, backend="naive"), expected)
 
 
-def check_against_naive(case, padded, backend):
+def check_against_naive(case, padded, backend, device="cpu", dtype=torch.float32):
     *shape, causal = case
     b, tq, tk = shape[:3]
-    q, k, v = tensors(*shape)
-    mask = left_padding(b, tk) if padded else None
+    q, k, v = (t.to(device, dtype) for t in tensors(*shape))
+    mask = left_padding(b, tk).to(device) if padded else None
     expected = attention(q, k, v, causal=causal, key_padding_mask=mask, backend="naive")
     out = attention(q, k, v, causal=causal, key_padding_mask=mask, backend=backend)
-    real = torch.ones(b, tq, dtype=torch.bool) if mask is None else mask[:, tk - tq:]  # padding queries are unused
-    torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-5)
+    real = torch.ones(b, tq, dtype=torch.bool, device=device) if mask is None else mask[:, tk - tq:]  # padding
+    tol = 1e-5 if dtype == torch.float32 else 2e-3  # queries are unused; fp16 rounds P and the output
+    torch.testing.assert_close(out[real], expected[real], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "left-padded"])
@@ -109,7 +114,7 @@ def test_sdpa_matches_naive(case, padded):
 def test_triton_kernels_match_naive(case, padded):
     """Left-padded rows run the varlen kernel on their real tokens (one forward launch per call)."""
     with counting_launches() as counters:
-        check_against_naive(case, padded, "triton")
+        check_against_naive(case, padded, "triton", DEVICE, KERNEL_DTYPE)
     assert counters["fwd"].launches == 1
 
 
@@ -118,16 +123,19 @@ def test_triton_kernels_match_naive(case, padded):
 @pytest.mark.parametrize("case", DECODE, ids=case_id)
 def test_decode_step_is_sdpa_under_either_backend(case, padded, backend):
     with counting_launches() as counters:
-        check_against_naive(case, padded, backend)
+        check_against_naive(case, padded, backend, DEVICE, KERNEL_DTYPE)
     assert counters["fwd"].launches == 0
 
 
 def test_triton_refuses_what_the_kernels_cannot_run():
-    q, k, v = (t.bfloat16() for t in tensors(1, 4, 4, 2, 2))
-    with pytest.raises(RuntimeError, match="attention backend 'triton' cannot run here: .*bfloat16.*--attn sdpa"):
+    # The interpreter computes bf16 wrongly; a GPU's kernels take fp16 and bf16 only.
+    refused, named = (torch.float32, "float32") if ON_GPU else (torch.bfloat16, "bfloat16")
+    q, k, v = (t.to(DEVICE, refused) for t in tensors(1, 4, 4, 2, 2))
+    with pytest.raises(RuntimeError, match=f"attention backend 'triton' cannot run here: .*{named}.*--attn sdpa"):
         attention(q, k, v, causal=True, backend="triton")
-    with pytest.raises(RuntimeError, match="bfloat16"):
-        attention_varlen(q[0], k[0], v[0], torch.tensor([0, 4], dtype=torch.int32), 4, causal=True, backend="triton")
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(RuntimeError, match=named):
+        attention_varlen(q[0], k[0], v[0], cu, 4, causal=True, backend="triton")
 
 
 def test_varlen_keeps_segments_apart():
@@ -152,15 +160,17 @@ def test_bad_input():
 TINY = LlavaConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=3, heads=2, mlp_dim=64),
                    decoder=DecoderConfig(vocab_size=50, dim=32, layers=2, heads=4, kv_heads=2, mlp_dim=64))
 ROWS = [[1, 5, IMAGE_TOKEN_INDEX, 7, 8, 9, 3], [1, IMAGE_TOKEN_INDEX, 6, 2]]  # 10 and 7 positions once spliced
-# fp32 differs from SDPA by summation order only. Under fp16 autocast SDPA and the kernels both compute in fp16
-# and round in different places (the kernels keep P and the accumulators in fp32); the bound is relative to each
-# gradient's largest element.
-STEP_TOLERANCE = {None: 1e-5, torch.float16: 5e-3}  # measured: 5e-7 and 2.4e-3
+# fp32 differs from SDPA by summation order only. Under autocast SDPA and the kernels both compute in the half
+# type and round in different places (the kernels keep P and the accumulators in fp32); the bound is relative to
+# each gradient's largest element. Measured in the interpreter: 5e-7 (fp32) and 2.4e-3 (fp16).
+STEP_TOLERANCE = {None: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+STEP_DTYPES = {"fp16-autocast": torch.float16, "bf16-autocast": torch.bfloat16} if ON_GPU else {
+    "fp32": None, "fp16-autocast": torch.float16}
 
 
 def training_step(backend, packed, dtype):
     torch.manual_seed(0)
-    model = LlavaMed(TINY)
+    model = LlavaMed(TINY).to(DEVICE)
     model.set_attention_backend(backend)
     pixels = torch.randn(2, 3, 16, 16)
     if packed:
@@ -172,13 +182,14 @@ def training_step(backend, packed, dtype):
     labels = ids.masked_fill(ids == IMAGE_TOKEN_INDEX, -100)
     if not packed:
         labels = labels.masked_fill(extra["attention_mask"] == 0, -100)
-    with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
-        _, loss = model(ids, pixels, labels=labels, **extra)
+    extra = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in extra.items()}
+    with torch.autocast(DEVICE, dtype=dtype) if dtype else contextlib.nullcontext():
+        _, loss = model(ids.to(DEVICE), pixels.to(DEVICE), labels=labels.to(DEVICE), **extra)
     loss.backward()
     return loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("dtype", [None, torch.float16], ids=["fp32", "fp16-autocast"])
+@pytest.mark.parametrize("dtype", list(STEP_DTYPES.values()), ids=list(STEP_DTYPES))
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 def test_training_step_runs_the_kernels_in_every_layer(packed, dtype):
     """Forward and backward of every ViT and decoder layer go through the kernels (one launch of each kernel per

@@ -6,6 +6,7 @@ LLaVA's real shapes. Every output buffer the kernels allocate starts as NaN, so 
 to write shows up as a NaN in the comparison.
 """
 
+import os
 from contextlib import contextmanager
 
 import pytest
@@ -176,3 +177,26 @@ def test_llava_shapes_on_gpu(shape, causal, dtype):
                torch.randn(batch, seqlen_k, nheads_kv, head_dim))
     check_against_reference(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
                             lambda q, k, v: attention_reference(q, k, v, causal=causal), tensors, dtype)
+
+
+@pytest.mark.slow
+def test_every_autotune_config_fits_sm80_and_sm90():
+    """Each configuration the autotuner may pick, compiled for A100 and H100 by Triton's bundled ptxas (no GPU
+    needed), uses no local memory for spills and no more shared memory than the target has. CI compiles each at
+    its largest case (head dim 128, bf16, causal: the most registers and shared memory in the full table of
+    bench/RESULTS.md); `python -m minillavamed.kernels.resources` compiles all 192 cases."""
+    import subprocess
+    import sys
+
+    code = ("from minillavamed.kernels import resources as r\n"
+            "todo = r.jobs(head_dims=(128,), dtypes=('bf16',), causals=(True,))\n"
+            "for c in r.compile_all(todo):\n"
+            "    print(c.kernel, c.config, c.target, c.registers, c.spill_bytes, c.shared, c.shared_limit, c.fits)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = out.stdout.splitlines()
+    n_configs = len(flash_attention.FWD_CONFIGS + flash_attention.DKDV_CONFIGS + flash_attention.DQ_CONFIGS)
+    assert len(rows) == 2 * n_configs, out.stdout
+    assert all(row.endswith("True") for row in rows), "\n".join(r for r in rows if not r.endswith("True"))

@@ -5,7 +5,9 @@ of their training time in softmax(Q K^T * scale) V. This file computes it withou
 (seqlen_q x seqlen_k) score matrix to memory:
 
 - forward: one program per (block of queries, head, sequence) streams over key/value blocks keeping a running
-  max and a running sum (the "online softmax"), and saves the log-sum-exp (LSE) of each query row;
+  max and a running sum (the "online softmax"), and saves the log-sum-exp (LSE) of each query row. As in
+  Triton's fused-attention tutorial the loop has two phases: the blocks every row sees whole run without a
+  mask, and only the diagonal blocks of a causal mask (and a sequence's tail block) are masked;
 - backward: P is recomputed from Q, K and the saved LSE. One program per key/value block accumulates dK and
   dV (looping over every query head of its GQA group, so no two programs write the same rows and no atomics
   are needed); a separate kernel, one program per query block, accumulates dQ.

@@ -108,15 +108,19 @@ def _compile_args(args):
     return compile_one(*args)
 
 
-def compile_all(workers: int | None = None) -> list[Compiled]:
-    """Every (kernel, configuration, target, head dim, dtype, causal) compiled, in parallel processes."""
+def jobs(head_dims=HEAD_DIMS, dtypes=DTYPES, causals=(False, True)) -> list[tuple]:
+    """(kernel, configuration, target, head dim, dtype, causal) for every configuration on every target."""
+    return [(name, config, target, hd, dtype, causal)
+            for name, (_, configs) in kernels().items() for config in configs
+            for target, hd, dtype, causal in itertools.product(TARGETS, head_dims, dtypes, causals)]
+
+
+def compile_all(todo: list[tuple], workers: int | None = None) -> list[Compiled]:
+    """Compile `todo` (see jobs()) in parallel processes."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET is set: the interpreter cannot compile for a GPU target; unset it")
-    jobs = [(name, config, target, hd, dtype, causal)
-            for name, (_, configs) in kernels().items() for config in configs
-            for target, hd, dtype, causal in itertools.product(TARGETS, HEAD_DIMS, DTYPES, (False, True))]
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
-        return list(pool.map(_compile_args, jobs))
+        return list(pool.map(_compile_args, todo))
 
 
 def table(results: list[Compiled]) -> str:
@@ -138,7 +142,7 @@ def table(results: list[Compiled]) -> str:
 
 
 def main() -> int:
-    results = compile_all()
+    results = compile_all(jobs())
     print(table(results))
     bad = [r for r in results if not r.fits]
     for r in bad:
