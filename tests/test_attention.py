@@ -206,3 +206,23 @@ def test_training_step_runs_the_kernels_in_every_layer(packed, dtype):
     for name, g in grads.items():
         err = ((g - ref_grads[name]).abs().max() / ref_grads[name].abs().max().clamp_min(1e-12)).item()
         assert err <= tol, f"{name}: relative error {err:.1e}"
+
+
+def test_generation_runs_the_kernels_in_the_prefill_only():
+    """Batched generation: the left-padded prefill runs the kernels (unpadded into segments) in the ViT and in
+    every decoder block but the last, which computes only the last query (last_only, a one-query call); every
+    decode step is SDPA's. The tokens are those of the sdpa backend."""
+    torch.manual_seed(0)
+    model = LlavaMed(TINY).to(DEVICE).eval()
+    if ON_GPU:
+        model.half()
+    ids = torch.tensor([ROWS[0], [0] * 3 + ROWS[1]], device=DEVICE)  # the second prompt is left-padded
+    mask = torch.tensor([[1] * 7, [0] * 3 + [1] * 4], device=DEVICE)
+    pixels = torch.randn(2, 3, 16, 16, device=DEVICE, dtype=next(model.parameters()).dtype)
+    tokens = {}
+    for backend in ("sdpa", "triton"):
+        model.set_attention_backend(backend)
+        with counting_launches() as counters:
+            tokens[backend] = model.generate(ids, pixels, mask, max_new_tokens=6, eos_id=-1)
+    assert counters["fwd"].launches == 2 + TINY.decoder.layers - 1
+    assert tokens["triton"] == tokens["sdpa"]
