@@ -182,14 +182,15 @@ def test_llava_shapes_on_gpu(shape, causal, dtype):
 @pytest.mark.slow
 def test_every_autotune_config_fits_sm80_and_sm90():
     """Each configuration the autotuner may pick, compiled for A100 and H100 by Triton's bundled ptxas (no GPU
-    needed), uses no local memory for spills and no more shared memory than the target has. CI compiles each at
-    its largest case (head dim 128, bf16, causal: the most registers and shared memory in the full table of
-    bench/RESULTS.md); `python -m minillavamed.kernels.resources` compiles all 192 cases."""
+    needed), uses no local memory for spills and no more shared memory than the target has. CI compiles each in
+    bf16 with the causal mask at both head dims: in the full matrix (`python -m minillavamed.kernels.resources`,
+    which also compiles fp16 and the bidirectional mask) fp16 spilled exactly where bf16 did, and every case that
+    spilled without the mask also spilled with it."""
     import subprocess
     import sys
 
     code = ("from minillavamed.kernels import resources as r\n"
-            "todo = r.jobs(head_dims=(128,), dtypes=('bf16',), causals=(True,))\n"
+            "todo = r.jobs(dtypes=('bf16',), causals=(True,))\n"
             "for c in r.compile_all(todo):\n"
             "    print(c.kernel, c.config, c.target, c.registers, c.spill_bytes, c.shared, c.shared_limit, c.fits)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -198,5 +199,5 @@ def test_every_autotune_config_fits_sm80_and_sm90():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = out.stdout.splitlines()
     n_configs = len(flash_attention.FWD_CONFIGS + flash_attention.DKDV_CONFIGS + flash_attention.DQ_CONFIGS)
-    assert len(rows) == 2 * n_configs, out.stdout
+    assert len(rows) == 2 * 2 * n_configs, out.stdout  # two targets, two head dims
     assert all(row.endswith("True") for row in rows), "\n".join(r for r in rows if not r.endswith("True"))

@@ -9,7 +9,7 @@ code is the code a GPU run gets. ptxas -v then reports registers and spills; Tri
 memory it allocates. A configuration that spills (registers written to local memory inside the loop) or
 needs more shared memory than the target has is a configuration the autotuner must not be offered.
 
-    python -m minillavamed.kernels.resources            # the table in bench/RESULTS.md (~10 min on 2 cores)
+    python -m minillavamed.kernels.resources   # the table in bench/RESULTS.md: 16 compiles per configuration
 
 TRITON_INTERPRET must be unset: the interpreter replaces the kernels with Python functions.
 """
