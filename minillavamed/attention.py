@@ -8,8 +8,14 @@ backends can be swapped without touching the model:
 - `naive`: the textbook formula, softmax(q k^T / sqrt(d)) v, in fp32. The reference the others are checked
   against.
 - `sdpa`: torch's fused `scaled_dot_product_attention` (flash / memory-efficient / cuDNN on GPUs).
-- `triton`: our FlashAttention-2 kernels in `minillavamed.kernels` (see there). Masks other than causal
-  and packed segments are not what those kernels are for, so such calls use SDPA instead.
+- `triton`: our FlashAttention-2 kernels in `minillavamed.kernels` (see there), for every call with more than
+  one query: the ViT, training (dense rows and packed segments, forward and backward) and the prefill of
+  generation, whose left-padded rows are unpadded into packed segments first. Where the kernels cannot run
+  (no GPU and no interpreter, float32 on a GPU, bfloat16 in the interpreter) it raises with the reason; it
+  never falls back silently.
+
+A decode step (one new query against the KV cache) is memory-bound, with nothing for a kernel to fuse: under
+`sdpa` and `triton` alike it runs SDPA's decode path (`_sdpa_decode`).
 
 Layout everywhere is flash-attn's: q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, kv_heads,
 head_dim). Grouped-query attention (kv_heads < heads) is handled by each backend.
@@ -18,7 +24,6 @@ head_dim). Grouped-query attention (kv_heads < heads) is handled by each backend
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +54,11 @@ def _naive(q, k, v, mask, scale):
     heads, kv_heads = q.shape[2], k.shape[2]
     k = k.repeat_interleave(heads // kv_heads, dim=2)
     v = v.repeat_interleave(heads // kv_heads, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float()).to(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):  # the reference stays in fp32 under autocast too
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float()).to(q.dtype)
 
 
 def _sdpa(q, k, v, mask, is_causal, scale):
@@ -74,23 +80,35 @@ def _sdpa_decode(q, k, v, key_padding_mask, scale):
     return out.view(b, 1, heads, d)
 
 
-_fallback_warned: set[str] = set()
-
-
-def _triton_or_reason(q) -> str | None:
-    """None when the Triton kernels can run on `q`, else the reason they can't (said once per reason)."""
+def _require_triton(q) -> None:
+    """Raise, with the reason, when the Triton kernels cannot run on tensors like `q`."""
     try:
         from minillavamed.kernels import triton_attention_supported
     except ImportError as e:  # triton itself missing or broken on this platform
-        return f"the Triton kernels could not be imported ({e})"
-    ok, reason = triton_attention_supported(q)
-    return None if ok else reason
+        ok, reason = False, f"the Triton kernels could not be imported ({e})"
+    else:
+        ok, reason = triton_attention_supported(q)
+    if not ok:
+        raise RuntimeError(f"attention backend 'triton' cannot run here: {reason}; choose the 'sdpa' backend "
+                           "(--attn sdpa) or a setup the kernels take")
 
 
-def _fall_back(reason: str) -> None:
-    if reason not in _fallback_warned:
-        _fallback_warned.add(reason)
-        warnings.warn(f"attention backend 'triton' unavailable: {reason}; using 'sdpa' instead", stacklevel=3)
+def _triton_unpadded(q, k, v, key_padding_mask, causal, scale):
+    """Padded rows (the left-padded prefill of batched generation) as packed segments of their real tokens, so
+    that the varlen kernel never sees padding. A row's real queries are its last real keys, so the kernel's
+    bottom-right causal alignment within each segment is the padded row's causal mask. Padding queries get
+    zeros; their outputs are never used."""
+    from minillavamed.kernels import flash_attn_varlen_func
+
+    b, tq, heads, d = q.shape
+    keys = key_padding_mask.bool()
+    queries = keys[:, keys.shape[1] - tq:]
+    q_rows, k_rows = queries.flatten().nonzero()[:, 0], keys.flatten().nonzero()[:, 0]
+    len_q, len_k = queries.sum(1, dtype=torch.int32), keys.sum(1, dtype=torch.int32)
+    cu_q, cu_k = (F.pad(n.cumsum(0, dtype=torch.int32), (1, 0)) for n in (len_q, len_k))
+    out = flash_attn_varlen_func(q.flatten(0, 1)[q_rows], k.flatten(0, 1)[k_rows], v.flatten(0, 1)[k_rows], cu_q,
+                                 cu_k, int(len_q.max()), int(len_k.max()), softmax_scale=scale, causal=causal)
+    return q.new_zeros(b * tq, heads, d).index_copy(0, q_rows, out).view(b, tq, heads, d)
 
 
 def attention(
@@ -111,18 +129,16 @@ def attention(
     causal = causal and tq > 1  # a single newest query sees every key anyway
     if backend == "naive":
         return _naive(q, k, v, _allowed(tq, tk, causal, key_padding_mask, q.device), scale)
-    if tq == 1 and backend in ("sdpa", "triton"):  # a decode step is memory-bound: nothing for a kernel to fuse
+    if tq == 1 and backend in ("sdpa", "triton"):  # a decode step: see the module docstring
         return _sdpa_decode(q, k, v, key_padding_mask, scale)
     if backend == "triton":
-        reason = _triton_or_reason(q)
-        if reason is None and key_padding_mask is not None and not bool(key_padding_mask.all()):
-            reason = "padding masks are not handled by the kernels"
-        if reason is None:
-            from minillavamed.kernels import flash_attn_func
+        _require_triton(q)
+        if key_padding_mask is not None and not bool(key_padding_mask.all()):
+            return _triton_unpadded(q, k, v, key_padding_mask, causal, scale)
+        from minillavamed.kernels import flash_attn_func
 
-            return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
-        _fall_back(reason)
-    elif backend != "sdpa":
+        return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+    if backend != "sdpa":
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if key_padding_mask is None and (not causal or tq == tk):
         return _sdpa(q, k, v, None, causal, scale)  # lets SDPA pick its fused causal kernels
@@ -142,15 +158,12 @@ def attention_varlen(
     """Attention over packed (total_tokens, heads, head_dim) tensors holding several sequences back to back,
     with boundaries `cu_seqlens` (int32, [0, len0, len0+len1, ...]); no token attends across a boundary."""
     if backend == "triton":
-        reason = _triton_or_reason(q)
-        if reason is None:
-            from minillavamed.kernels import flash_attn_varlen_func
+        _require_triton(q)
+        from minillavamed.kernels import flash_attn_varlen_func
 
-            cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-            return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen,
-                                          softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=causal)
-        _fall_back(reason)
-        backend = "sdpa"
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen,
+                                      softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=causal)
     # Without the varlen kernel: one row, with a block-diagonal mask that keeps segments apart.
     total = q.shape[0]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(q.device)

@@ -53,10 +53,14 @@ class KVCache:
     """Preallocated keys and values of every layer, so that each generated token costs one step."""
 
     def __init__(self, cfg: DecoderConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        """`dtype` is the embeddings' dtype. Keys and values are held in the dtype attention computes in: the
+        autocast dtype when the cache is made under autocast, else `dtype`."""
         shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
+        device_type = torch.device(device).type
+        kv_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
         # One tensor per layer rather than one stacked tensor: a decode step then indexes one level less.
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
+        self.k = [torch.empty(shape, dtype=kv_dtype, device=device) for _ in range(cfg.layers)]
+        self.v = [torch.empty(shape, dtype=kv_dtype, device=device) for _ in range(cfg.layers)]
         self.max_len = max_len
         self.length = 0  # tokens already cached; advanced by the decoder after each forward
         # Rotary tables for every position the cache can reach, so that a decode step only looks them up.
@@ -87,7 +91,10 @@ class Attention(nn.Module):
         # F.linear on the weights rather than calling the modules: a module call adds about a third to each
         # product when decoding the tiny preset on a CPU.
         qkv = F.linear(x, self.wqkv.weight).view(b, t, h + 2 * kvh, self.head_dim)
-        qk = apply_rope(qkv[:, :, :h + kvh], cos, sin)  # queries and keys rotate together
+        # Queries and keys rotate together. Under autocast the product is in the compute dtype while the rotary
+        # tables stay fp32 (as in the released models' code), so the rotation runs in fp32 and is rounded once,
+        # back to the compute dtype: q, k and v then reach attention (and the cache) in one dtype.
+        qk = apply_rope(qkv[:, :, :h + kvh], cos, sin).to(qkv.dtype)
         q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kvh:]
         if cu_seqlens is not None:  # packed training rows: batch is 1, segments never see each other
             out = attention_varlen(q[0], k[0], v[0], cu_seqlens, max_seqlen, causal=True, backend=backend)[None]

@@ -1,7 +1,16 @@
-"""The model core against transformers: ViT hidden states, decoder logits, whole-model logits, generation."""
+"""The model core against transformers: ViT hidden states, decoder logits, whole-model logits, generation.
+
+The parity tests have a precision axis (as litgpt's tests do): fp32, and fp16 / bf16 autocast with
+transformers run under the same autocast. fp32 must agree to 1e-5 of the reference's scale. Under autocast
+both sides round at the same places (the products in the autocast dtype, RMSNorm / LayerNorm / softmax /
+RoPE in fp32, q and k rounded once after RoPE), and on this CPU they agree exactly; the tolerance is two
+units in the last place of the autocast dtype at the reference's scale, far below the gap between autocast
+and fp32 (2e-3 for fp16, 2-3e-2 for bf16, on these models).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -20,8 +29,22 @@ IMG = IMAGE_TOKEN_INDEX
 
 def assert_close_scaled(ours, ref, rel=1e-5):
     """Max abs error <= rel x the reference's scale (its largest magnitude)."""
+    ours, ref = ours.float(), ref.float()
     scale = ref.abs().max().item()
     torch.testing.assert_close(ours, ref, rtol=0, atol=rel * scale)
+
+
+PRECISIONS = {"fp32": None, "fp16-autocast": torch.float16, "bf16-autocast": torch.bfloat16}
+TOLERANCE = {"fp32": 1e-5, "fp16-autocast": 2 * 2.0 ** -10, "bf16-autocast": 2 * 2.0 ** -7}
+
+
+def precision(name):
+    """The context both models run under for one point of the precision axis."""
+    dtype = PRECISIONS[name]
+    return contextlib.nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype)
+
+
+with_precision = pytest.mark.parametrize("prec", list(PRECISIONS))
 
 
 def load_part(module, pairs, hf_state, strip):
@@ -30,29 +53,94 @@ def load_part(module, pairs, hf_state, strip):
     return module.eval()
 
 
+@with_precision
 @pytest.mark.parametrize("select_layer", [-2, -1, 1])
-def test_vit_hidden_states_match_clip(select_layer):
+def test_vit_hidden_states_match_clip(select_layer, prec):
     clip = hf.clip()
     cfg = vision_config_from_hf(clip.config.to_dict(), select_layer, "patch")
     ours = load_part(VisionTower(cfg), vision_keys(cfg, ""), clip.state_dict(), "vision.")
     pixels = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
+    with torch.no_grad(), precision(prec):
         ref = clip(pixels, output_hidden_states=True).hidden_states[select_layer][:, 1:]
         out = ours(pixels)
     assert out.shape == (2, 16, 32)
-    assert_close_scaled(out, ref)
+    assert_close_scaled(out, ref, TOLERANCE[prec])
 
 
+@with_precision
 @pytest.mark.parametrize("factory", [hf.mistral, hf.llama], ids=["mistral-gqa-theta1e6", "llama-mha-theta5e5"])
-def test_decoder_logits_match(factory):
+def test_decoder_logits_match(factory, prec):
     ref_model = factory()
     cfg = decoder_config_from_hf(ref_model.config.to_dict(), "test")
     ours = load_part(Decoder(cfg), decoder_keys(cfg, "model.", "lm_head.weight"), ref_model.state_dict(), "decoder.")
     ids = torch.randint(3, cfg.vocab_size, (2, 13))
-    with torch.no_grad():
+    with torch.no_grad(), precision(prec):
         ref = ref_model(ids).logits
         out = ours.lm_head(ours(ours.embed(ids), torch.arange(13).expand(2, 13)))
-    assert_close_scaled(out, ref)
+    assert out.dtype == ref.dtype
+    assert_close_scaled(out, ref, TOLERANCE[prec])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_dtype_contract_under_autocast(dtype):
+    """q, k and v reach attention in the autocast dtype in both towers, dense and packed; RoPE is computed in
+    fp32 and rounded once, as transformers' Llama/Mistral code does; the KV cache holds the autocast dtype."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    import minillavamed.decoder as decoder_module
+    import minillavamed.vit as vit_module
+
+    torch.manual_seed(0)
+    model = LlavaMed(preset("tiny")).eval()
+    seen = []
+
+    def recording(inner):
+        def call(q, k, v, *args, **kwargs):
+            seen.append((q, k, v))
+            return inner(q, k, v, *args, **kwargs)
+        return call
+
+    ids = torch.tensor([[1, IMG, 5, 6, 7], [1, IMG, 8, 9, 10]])
+    pixels = torch.randn(2, 3, 64, 64)
+    patched = {(decoder_module, "attention"), (decoder_module, "attention_varlen"), (vit_module, "attention")}
+    originals = {(m, n): getattr(m, n) for m, n in patched}
+    try:
+        for m, n in patched:
+            setattr(m, n, recording(originals[(m, n)]))
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            model(ids, pixels)
+            cu = torch.tensor([0, 20, 40], dtype=torch.int32)
+            model(ids.view(1, -1), pixels, cu_seqlens=cu, max_seqlen=20)
+    finally:
+        for (m, n), f in originals.items():
+            setattr(m, n, f)
+    assert len(seen) == 2 * (model.vision.n_run + model.cfg.decoder.layers)
+    assert all(t.dtype == dtype for qkv in seen for t in qkv), [[t.dtype for t in qkv] for qkv in seen]
+
+    # RoPE: the product's q rotated in fp32 with fp32 tables, then rounded once (transformers under autocast).
+    cfg = model.cfg.decoder
+    x = torch.randn(2, 7, cfg.dim)
+    positions = torch.arange(7).expand(2, 7)
+    attn = model.decoder.blocks[0].attn
+    captured = []
+    inner = decoder_module.attention
+    decoder_module.attention = lambda q, k, v, **kw: captured.append(q) or inner(q, k, v, **kw)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            cos, sin = decoder_module.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+            attn(x, cos, sin, 0, None, None, None, None, "sdpa", False)
+            q = torch.nn.functional.linear(x, attn.wqkv.weight)[..., :cfg.heads * cfg.head_dim]
+            q = q.view(2, 7, cfg.heads, cfg.head_dim).transpose(1, 2)
+            hf_cos, hf_sin = cos[:, :, 0], torch.cat([sin[..., cfg.head_dim // 2:]] * 2, -1)[:, :, 0]
+            expected = apply_rotary_pos_emb(q, q, hf_cos, hf_sin)[0].to(dtype).transpose(1, 2)
+    finally:
+        decoder_module.attention = inner
+    assert q.dtype == dtype and hf_cos.dtype == torch.float32
+    assert torch.equal(captured[0], expected)
+
+    with torch.autocast("cpu", dtype=dtype):
+        cache = KVCache(cfg, batch=1, max_len=4, dtype=torch.float32, device="cpu")
+    assert cache.k[0].dtype == cache.v[0].dtype == dtype and cache.cos.dtype == torch.float32
 
 
 def expand_for_hf(rows, n_patches, pad_left):
@@ -83,18 +171,19 @@ def pair(tmp_path_factory):
     return ref, LlavaMed.from_pretrained(path).eval()
 
 
-def test_whole_model_logits_match_llava_hf(pair):
+@with_precision
+def test_whole_model_logits_match_llava_hf(pair, prec):
     ref, ours = pair
     pixels = torch.randn(2, 3, 32, 32)
     ids, mask = pad(PROMPTS, pad_left=False)
     hf_ids, hf_mask = expand_for_hf(PROMPTS, 16, pad_left=False)
-    with torch.no_grad():
+    with torch.no_grad(), precision(prec):
         out, _ = ours(ids, pixels, mask)
         positions = (hf_mask.cumsum(-1) - 1).clamp(min=0)
         expected = ref(input_ids=hf_ids, pixel_values=pixels, attention_mask=hf_mask, position_ids=positions).logits
     assert out.shape == expected.shape
     valid = hf_mask.bool()
-    assert_close_scaled(out[valid], expected[valid])
+    assert_close_scaled(out[valid], expected[valid], TOLERANCE[prec])
 
 
 def test_labels_at_image_positions_are_ignored(pair):
@@ -114,15 +203,17 @@ def test_image_count_mismatch_is_an_error(pair):
         ours(ids, torch.randn(1, 3, 32, 32), mask)
 
 
-def test_greedy_generation_matches_transformers(pair):
+@with_precision
+def test_greedy_generation_matches_transformers(pair, prec):
+    """Under autocast too: the KV cache in the autocast dtype holds what transformers' SDPA rounds to."""
     ref, ours = pair
     pixels = torch.randn(2, 3, 32, 32)
     ids, mask = pad(PROMPTS, pad_left=True)
     hf_ids, hf_mask = expand_for_hf(PROMPTS, 16, pad_left=True)
-    with torch.no_grad():
+    with torch.no_grad(), precision(prec):
         expected = ref.generate(input_ids=hf_ids, pixel_values=pixels, attention_mask=hf_mask, max_new_tokens=32,
                                 do_sample=False, eos_token_id=None, pad_token_id=0)[:, hf_ids.shape[1]:]
-    out = ours.generate(ids, pixels, mask, max_new_tokens=32, eos_id=-1)
+        out = ours.generate(ids, pixels, mask, max_new_tokens=32, eos_id=-1)
     assert expected.shape == (2, 32)
     assert out == expected.tolist()
 

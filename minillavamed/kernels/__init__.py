@@ -1,7 +1,9 @@
 """Fused attention kernels (Triton, FlashAttention-2 style) for the ViT and the decoder; see flash_attention.py.
 
 Importing this package never fails on a machine without a usable Triton: `triton_attention_supported` then
-says why, and the attention dispatch falls back to SDPA.
+says why, and the attention dispatch raises with that reason when the `triton` backend is asked for.
+resources.py compiles every autotune configuration for the real GPUs (sm_80, sm_90) to check registers,
+spills and shared memory without one.
 """
 
 try:
