@@ -33,6 +33,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from minillavamed import LlavaMed
+from minillavamed.attention import require_triton
 from minillavamed.checkpoint import CheckpointError, check_vocab, save_state
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset
 from minillavamed.conversation import get_template, render
@@ -104,7 +105,7 @@ class TrainConfig:
     seed: int = opt(1337, "seeds the model, the data order and the validation split")
     device: str = opt("", "torch device; default: cuda if available, else cpu")
     dtype: str = opt("", "bfloat16 | float32; default: bfloat16 on GPUs, float32 on CPUs")
-    attn: str = opt("", "naive | sdpa | triton; default: triton on GPUs, sdpa on CPUs")
+    attn: str = opt("", "naive | sdpa | triton; default: triton on GPUs in bfloat16, sdpa otherwise")
     compile: bool = opt(False, "torch.compile the model")
     grad_ckpt: bool = opt(False, "recompute decoder blocks in the backward pass (less memory)")
     fsdp: bool = opt(False, "shard parameters over processes (torchrun) instead of DDP")
@@ -213,7 +214,14 @@ def fill_defaults(cfg: TrainConfig) -> TrainConfig:
     cuda = torch.cuda.is_available()
     cfg.device = cfg.device or ("cuda" if cuda else "cpu")
     cfg.dtype = cfg.dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")
-    cfg.attn = cfg.attn or ("triton" if cfg.device.startswith("cuda") else "sdpa")
+    # The kernels take fp16/bf16 on GPUs: fp32 on a GPU (and any CPU run) defaults to SDPA.
+    cfg.attn = cfg.attn or ("triton" if cfg.device.startswith("cuda") and cfg.dtype == "bfloat16" else "sdpa")
+    if cfg.attn == "triton":  # refused here, in one line, rather than at the first forward pass
+        compute = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        try:
+            require_triton(torch.empty(1, 1, 1, 64, device=cfg.device, dtype=compute))
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from None
     if cfg.num_workers < 0:
         cfg.num_workers = default_workers() if cfg.device.startswith("cuda") else 0
     return cfg

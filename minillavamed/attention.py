@@ -80,7 +80,7 @@ def _sdpa_decode(q, k, v, key_padding_mask, scale):
     return out.view(b, 1, heads, d)
 
 
-def _require_triton(q) -> None:
+def require_triton(q) -> None:
     """Raise, with the reason, when the Triton kernels cannot run on tensors like `q`."""
     try:
         from minillavamed.kernels import triton_attention_supported
@@ -132,7 +132,7 @@ def attention(
     if tq == 1 and backend in ("sdpa", "triton"):  # a decode step: see the module docstring
         return _sdpa_decode(q, k, v, key_padding_mask, scale)
     if backend == "triton":
-        _require_triton(q)
+        require_triton(q)
         if key_padding_mask is not None and not bool(key_padding_mask.all()):
             return _triton_unpadded(q, k, v, key_padding_mask, causal, scale)
         from minillavamed.kernels import flash_attn_func
@@ -158,7 +158,7 @@ def attention_varlen(
     """Attention over packed (total_tokens, heads, head_dim) tensors holding several sequences back to back,
     with boundaries `cu_seqlens` (int32, [0, len0, len0+len1, ...]); no token attends across a boundary."""
     if backend == "triton":
-        _require_triton(q)
+        require_triton(q)
         from minillavamed.kernels import flash_attn_varlen_func
 
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)

@@ -78,6 +78,16 @@ def test_train_rejects_a_bad_flag_naming_it(tmp_path, flag, value):
     assert not (tmp_path / "out").exists()
 
 
+def test_train_refuses_triton_where_the_kernels_cannot_run_before_any_work(world, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a CPU without the interpreter
+    res = subprocess.run([sys.executable, "train.py", "--stage", "0", "--data", world["general"], "--image_folder",
+                          world["image_folder"], "--out_dir", str(tmp_path / "out"), "--attn", "triton", *SMALL],
+                         cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    assert "attention backend 'triton' cannot run here" in last_line(res) and "--attn sdpa" in last_line(res)
+    assert not (tmp_path / "out" / "tokenizer").exists()
+
+
 def test_train_help_describes_every_option():
     res = run("train.py", "--help")
     assert res.returncode == 0
