@@ -138,13 +138,14 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The (out, in) weight the quantised values stand for."""
+        # In place after one cast: each pass over a 7B layer's weight costs as much as a tenth of its prefill.
         if self.cfg.mode == "int8":
-            return self.qweight.to(dtype) * self.scales[:, None].to(dtype)
-        q = unpack_int4(self.qweight, self.padded_out, self.padded_in)
+            return self.qweight.to(dtype).mul_(self.scales[:, None].to(dtype))
         g = self.cfg.group_size
         scales, zeros = self.scales.transpose(0, 1).to(dtype).unbind(-1)  # (out, in / group) each
-        w = (q.view(self.padded_out, -1, g).to(dtype) - 8) * scales[..., None] + zeros[..., None]
-        return w.reshape(self.padded_out, self.padded_in)[:self.out_features, :self.in_features]
+        w = unpack_int4(self.qweight, self.padded_out, self.padded_in).view(self.padded_out, -1, g).to(dtype)
+        w = w.mul_(scales[..., None]).add_((zeros - 8 * scales)[..., None])  # (q - 8) * scale + zero
+        return w.view(self.padded_out, self.padded_in)[:self.out_features, :self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
