@@ -31,6 +31,7 @@ from minillavamed.instruct import read_jsonl_resume
 
 DEFAULT_MODEL = Path("out/tiny/stage2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZE = ["int8", "int4", "int4-32", "int4-64"]
 
 
 def bounded(kind, low, high=None, above=False):
@@ -77,7 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--max_batch", type=int, default=8, help="requests decoded together; as many more may wait")
     s.add_argument("--api_key", type=str, default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPUs, float32 on CPUs")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default: bfloat16 on GPUs and for --quantize, float32 otherwise")
+    p.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help="weight-only quantisation on the CPU as the model loads (int4: groups of 128 inputs)")
     args = p.parse_args(argv)
     modes = sum([args.prompt is not None, args.chat, args.questions is not None, args.serve])
     if modes != 1:
@@ -88,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--image_root {args.image_root} is not a directory")
     if args.questions is not None and args.answers is None:
         p.error("--questions needs --answers OUT.jsonl")
+    if args.quantize is not None and not args.device.startswith("cpu"):
+        p.error(f"--quantize runs on torch's CPU kernels; drop it or pass --device cpu (not {args.device})")
     return args
 
 
@@ -97,8 +103,11 @@ def load_assistant(args) -> Assistant:
         hint = ("train the tiny model first: python train.py --stage 0 && python train.py --stage 1 && "
                 "python train.py --stage 2" if args.model is None else "pass a checkpoint directory")
         raise SystemExit(f"no model at {path}: {hint}")
-    dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
-    return Assistant.load(path, vision_tower=args.vision_tower, conv=args.conv, device=args.device, dtype=dtype)
+    # Quantised layers run fastest on bf16 activations (bench/local_7b.py).
+    fast = args.device.startswith("cuda") or args.quantize is not None
+    dtype = DTYPES[args.dtype or ("bfloat16" if fast else "float32")]
+    return Assistant.load(path, vision_tower=args.vision_tower, conv=args.conv, device=args.device, dtype=dtype,
+                          quantize=args.quantize)
 
 
 class Streamer:

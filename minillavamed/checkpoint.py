@@ -11,7 +11,9 @@ an explicit map from its key names to ours (no `transformers` at run time):
 
 Our own format is config.json (the LlavaConfig) plus model.safetensors, sharded with an index when large.
 Weights are read tensor by tensor and cast on the way in, so a 7B model loads in bf16 without ever holding
-an fp32 copy.
+an fp32 copy. Loading with `quantize` quantises each linear layer as soon as its weight is in (quantize.py), so
+memory holds the quantised model plus one layer; a quantised model saves its int8 / int4 tensors as they are,
+with config.json's "quantization" saying how, and loads back without ever seeing a float weight.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class WeightFiles:
                 raise CheckpointError(f"{file}: shard named in the index is missing (needed for {key!r})")
             self._handles[file] = self._open(file)
         handle = self._handles[file]
+        if len(self._handles) > 1:
+            # One shard mapped at a time: the pages read from a closed shard leave the process's resident set.
+            self._handles = {file: handle}
         try:
             return handle[key] if isinstance(handle, dict) else handle.get_tensor(key)
         except (SafetensorError, KeyError) as e:
@@ -210,12 +215,16 @@ def _conv_for(llm_type: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def load_model(path, vision_tower=None, dtype=None, device=None, projector: str = "mlp2x_gelu"):
+def load_model(path, vision_tower=None, dtype=None, device=None, projector: str = "mlp2x_gelu", quantize=None):
     """Build a LlavaMed from any supported layout (see the module docstring); missing, unexpected or
-    mis-shaped tensors raise CheckpointError naming the key and the file."""
+    mis-shaped tensors raise CheckpointError naming the key and the file. `quantize`: see quantize.py."""
     from minillavamed.llava import LlavaMed
+    from minillavamed.quantize import QuantConfig
 
     path = Path(path)
+    quantize = None if quantize is None else QuantConfig.parse(quantize)
+    if quantize is not None and torch.device(device or "cpu").type != "cpu":
+        raise ValueError(f"weight-only {quantize.mode} uses torch's CPU kernels; load it with device='cpu'")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     meta = _read_json(path / "config.json")
@@ -225,6 +234,8 @@ def load_model(path, vision_tower=None, dtype=None, device=None, projector: str 
     sources: list[tuple[WeightFiles, list[tuple[str, str]], tuple[str, ...]]] = []
     fresh: list[str] = []  # parts that start from random init (the projector of a fresh LLaVA)
 
+    if kind == FORMAT and "quantization" in meta:
+        return _load_quantized(path, meta, files, quantize, dtype or torch.float32)
     if kind == FORMAT:
         cfg = LlavaConfig.from_dict({k: v for k, v in meta.items() if k != "model_type"})
         ours = [o for o, _ in vision_keys(cfg.vision, "") + decoder_keys(cfg.decoder, "", "")
@@ -301,7 +312,49 @@ def load_model(path, vision_tower=None, dtype=None, device=None, projector: str 
 
     with torch.device("meta"):
         model = LlavaMed(cfg)
-    _fill(model, sources, fresh, dtype or torch.float32, torch.device(device or "cpu"))
+    _fill(model, sources, fresh, dtype or torch.float32, torch.device(device or "cpu"), quantize)
+    return model
+
+
+def _load_quantized(path: Path, meta: dict, files: WeightFiles, quantize, dtype: torch.dtype):
+    """A checkpoint save_model wrote from a quantised model: its tensors are the model's state dict."""
+    from minillavamed.llava import LlavaMed
+    from minillavamed.quantize import QuantConfig, empty_quantized
+
+    try:
+        saved = QuantConfig.parse(meta["quantization"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: bad 'quantization' ({e})") from None
+    if quantize is not None and quantize != saved:
+        raise CheckpointError(f"{path}: saved quantised as {saved}; asked for {quantize} (load it without quantize, "
+                              f"or quantize its bf16 original)")
+    cfg = LlavaConfig.from_dict({k: v for k, v in meta.items() if k not in ("model_type", "quantization")})
+    with torch.device("meta"):
+        model = LlavaMed(cfg)
+    empty_quantized(model, saved, dtype)
+    model.quantization = saved
+    state = model.state_dict(keep_vars=True)
+    if cfg.decoder.tie_embeddings:
+        state.pop("decoder.lm_head.weight")
+    for key in files.keys():
+        if key not in state:
+            raise CheckpointError(f"{files.where[key]}: unexpected key {key!r}")
+    for name, expected in state.items():
+        if name not in files.where:
+            raise CheckpointError(f"{files.dir}: missing key {name!r}")
+        tensor = files.get(name)
+        if tensor.shape != expected.shape or tensor.is_floating_point() != expected.is_floating_point():
+            raise CheckpointError(f"{files.where[name]}: key {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the "
+                                  f"model expects {expected.dtype} {tuple(expected.shape)}")
+        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor.to(expected.dtype)
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=expected.requires_grad)
+        else:
+            module._buffers[leaf] = tensor
+    if cfg.decoder.tie_embeddings:
+        model.decoder.lm_head.weight = model.decoder.embed.weight
     return model
 
 
@@ -378,9 +431,13 @@ def _clip_prefix(clip: WeightFiles, directory: Path) -> str:
     return pre
 
 
-def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, device: torch.device) -> None:
-    """Replace every meta parameter with its checkpoint tensor (cast to dtype, moved to device)."""
+def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, device: torch.device, quantize=None) -> None:
+    """Replace every meta parameter with its checkpoint tensor (cast to dtype, moved to device); with `quantize`
+    (a QuantConfig), each linear layer it covers is quantised as soon as its last parameter is in."""
+    from minillavamed.quantize import QuantizedLinear, quantized_names, replace_module
+
     params = dict(model.named_parameters())
+    to_quantize = set(quantized_names(model)) if quantize is not None else set()
     wanted = {k for k in params if not any(k.startswith(f) for f in fresh)}
     if model.cfg.decoder.tie_embeddings:
         wanted.discard("decoder.lm_head.weight")
@@ -403,7 +460,12 @@ def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, devic
                                           f"the model expects {expected}")
                 tensors.append(tensor.to(device=device, dtype=dtype))
             _set_param(model, ours, tensors[0] if len(tensors) == 1 else torch.cat(tensors))
+            del tensors
             wanted.discard(ours)
+            owner = ours.rpartition(".")[0]
+            if owner in to_quantize and not any(p.is_meta for p in model.get_submodule(owner).parameters()):
+                replace_module(model, owner, QuantizedLinear.from_linear(model.get_submodule(owner), quantize))
+                to_quantize.discard(owner)
     if wanted:
         raise CheckpointError(f"no tensor found for {sorted(wanted)[:5]}{'...' if len(wanted) > 5 else ''}")
     for prefix in fresh:  # materialize and initialize the parts that start from scratch
@@ -415,6 +477,10 @@ def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, devic
                 m.reset_parameters()  # PyTorch's default init, as LLaVA's freshly built projector gets
     if model.cfg.decoder.tie_embeddings:
         model.decoder.lm_head.weight = model.decoder.embed.weight
+    for owner in to_quantize:  # the fresh ones
+        replace_module(model, owner, QuantizedLinear.from_linear(model.get_submodule(owner), quantize))
+    if quantize is not None:
+        model.quantization = quantize
 
 
 def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -451,16 +517,18 @@ def _write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_
 
 def save_model(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
     """Our format: config.json (model_type minillavamed + the LlavaConfig) and the weights."""
-    save_state(model.cfg, model.state_dict(), path, max_shard_bytes)
+    save_state(model.cfg, model.state_dict(), path, max_shard_bytes, getattr(model, "quantization", None))
 
 
-def save_state(cfg: LlavaConfig, state: dict[str, torch.Tensor], path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """save_model for a state dict gathered elsewhere (e.g. from FSDP shards)."""
+def save_state(cfg: LlavaConfig, state: dict[str, torch.Tensor], path, max_shard_bytes: int = 5 * 2**30,
+               quantization=None) -> None:
+    """save_model for a state dict gathered elsewhere (e.g. from FSDP shards); `quantization`: a QuantConfig."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if cfg.decoder.tie_embeddings:
         state = {k: v for k, v in state.items() if k != "decoder.lm_head.weight"}  # loading re-ties it
-    (path / "config.json").write_text(json.dumps({"model_type": FORMAT, **cfg.to_dict()}, indent=2))
+    extra = {} if quantization is None else {"quantization": quantization.to_dict()}
+    (path / "config.json").write_text(json.dumps({"model_type": FORMAT, **cfg.to_dict(), **extra}, indent=2))
     _write_tensors(state, path, max_shard_bytes)
 
 
@@ -472,6 +540,8 @@ def export_llava_hf(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
     mean logit, which can never win a greedy step.
     """
     cfg: LlavaConfig = model.cfg
+    if getattr(model, "quantization", None) is not None:
+        raise ValueError("llava-hf holds float weights; export the model before quantising it")
     if projector_depth(cfg.projector.type) != 2:
         raise ValueError(f"llava-hf has a two-layer projector; {cfg.projector.type!r} cannot be exported to it")
     path = Path(path)

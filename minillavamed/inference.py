@@ -34,12 +34,14 @@ class Assistant:
     processor: ImageProcessor
 
     @classmethod
-    def load(cls, path, vision_tower=None, conv: str | None = None, device="cpu", dtype=None) -> "Assistant":
+    def load(cls, path, vision_tower=None, conv: str | None = None, device="cpu", dtype=None,
+             quantize=None) -> "Assistant":
         """A checkpoint directory in any layout LlavaMed reads, with its tokenizer.model beside the weights."""
         tokenizer_file = Path(path) / "tokenizer.model"
         if not tokenizer_file.exists():
             raise FileNotFoundError(f"{tokenizer_file}: the checkpoint has no SentencePiece tokenizer.model")
-        model = LlavaMed.from_pretrained(path, vision_tower=vision_tower, dtype=dtype, device=device).eval()
+        model = LlavaMed.from_pretrained(path, vision_tower=vision_tower, dtype=dtype, device=device,
+                                         quantize=quantize).eval()
         check_finite(model, path)
         return cls.for_model(model, Tokenizer(tokenizer_file), conv, where=path)
 

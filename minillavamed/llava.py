@@ -35,21 +35,37 @@ class LlavaMed(nn.Module):
         self.vision = VisionTower(cfg.vision)
         self.projector = Projector(cfg.projector.type, cfg.vision.width, cfg.decoder.dim)
         self.decoder = Decoder(cfg.decoder)
+        self.quantization = None  # a QuantConfig once quantize() has replaced the linear layers
         self.apply(_init_weights)
 
     # ---- loading and saving live in checkpoint.py; these are the public entry points ----
     @classmethod
-    def from_pretrained(cls, path, vision_tower=None, dtype=None, device=None, projector: str = "mlp2x_gelu"):
+    def from_pretrained(cls, path, vision_tower=None, dtype=None, device=None, projector: str = "mlp2x_gelu",
+                        quantize=None):
         """Load any layout checkpoint.py reads: ours, llava-hf, original LLaVA(-Med), or a bare LLaMA/Mistral
-        checkpoint plus `vision_tower` (a CLIP checkpoint) with a fresh `projector` for stage 1."""
+        checkpoint plus `vision_tower` (a CLIP checkpoint) with a fresh `projector` for stage 1.
+
+        `quantize` ("int8", "int4", "int4-<group>" or a QuantConfig) quantises each layer as soon as it is
+        read, so that memory never holds more than one layer in `dtype` besides the quantised rest."""
         from minillavamed.checkpoint import load_model
 
-        return load_model(path, vision_tower=vision_tower, dtype=dtype, device=device, projector=projector)
+        return load_model(path, vision_tower=vision_tower, dtype=dtype, device=device, projector=projector,
+                          quantize=quantize)
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30) -> None:
         from minillavamed.checkpoint import save_model
 
         save_model(self, path, max_shard_bytes=max_shard_bytes)
+
+    def quantize(self, mode="int8") -> "LlavaMed":
+        """Weight-only int8 / int4 for CPU sampling, in place (see quantize.py); returns the model."""
+        from minillavamed.quantize import QuantConfig, quantize_model
+
+        if self.quantization is not None:
+            raise ValueError(f"the model is already quantised ({self.quantization.mode})")
+        self.quantization = QuantConfig.parse(mode)
+        quantize_model(self, self.quantization)
+        return self
 
     def set_attention_backend(self, backend: str) -> None:
         if backend not in BACKENDS:

@@ -1,0 +1,204 @@
+"""Weight-only quantisation for sampling on a CPU: int8 per output channel, int4 in groups along the input.
+
+Not part of the paper: this is how LLaVA-Med v1.5 (7B) fits and runs on a laptop. Decoding one token reads
+every weight once, so it is bound by memory bandwidth, and fewer bytes per weight mean more tokens per
+second. Only torch's own CPU kernels run the products (no new dependency):
+
+- int8: `aten._weight_int8pack_mm(x, w_int8, scales)`, w ~= w_int8 * scale (one scale per output row);
+- int4: `aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)`, w ~= (q - 8) * scale + zero
+  with q in 0..15 and one (scale, zero) per `group` consecutive inputs of a row (asymmetric, as in GPTQ/AWQ
+  checkpoints and llama.cpp's Q4_1).
+
+Those kernels are built for a few rows at a time. A prefill of hundreds of positions (an image question is
+about 628) is faster through oneDNN's dense GEMM, so above `DENSE_ROWS` rows a layer dequantises its weight
+for that one product (bench/local_7b.py measures both).
+
+`QuantizedLinear` replaces an nn.Linear module; the decoder calls it as a module (see decoder.linear). The
+int4 weight is kept in the kernel's own packed layout (blocks of 64 output rows, rows r and r + 32 of a
+block sharing a byte), which is also how it is saved; `unpack_int4` reads it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+# Rows (batch x positions) above which the dequantised dense product beats the weight-only kernels.
+DENSE_ROWS = 16
+INT4_BLOCK_N = 64  # output rows per block of the CPU int4 kernel's packed layout
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    mode: str = "int8"
+    group_size: int = 128  # int4 only
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown quantisation {self.mode!r}; choose one of {MODES}")
+        if self.mode == "int4" and self.group_size not in GROUP_SIZES:
+            raise ValueError(f"int4 group size {self.group_size}: choose one of {GROUP_SIZES}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def parse(cls, spec: "str | QuantConfig | dict") -> "QuantConfig":
+        """'int8', 'int4' (groups of 128), 'int4-32'; or a QuantConfig; or its to_dict()."""
+        if isinstance(spec, QuantConfig):
+            return spec
+        if isinstance(spec, dict):
+            return cls(**spec)
+        mode, _, group = spec.partition("-")
+        if group and not group.isdigit():
+            raise ValueError(f"bad quantisation {spec!r}; expected int8, int4 or int4-<group size>")
+        return cls(mode, int(group)) if group else cls(mode)
+
+
+def _ceil_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> int8 weights and fp32 scales (out,): symmetric, one scale per output row."""
+    w = w.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+    return (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8), scales
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> q in 0..15 (int32, out x in) and scales_and_zeros (in / group, out, 2), fp32.
+
+    Asymmetric per group: the group's minimum maps to 0 and its maximum to 15; the kernel dequantises as
+    (q - 8) * scale + zero, so zero is the value of q = 8.
+    """
+    out, inp = w.shape
+    g = w.float().reshape(out, inp // group, group)
+    lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+    scales = (hi - lo).clamp(min=1e-8) / 15
+    q = ((g - lo) / scales).round().clamp(0, 15).to(torch.int32).reshape(out, inp)
+    zeros = lo + 8 * scales
+    return q, torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, out: int, inp: int) -> torch.Tensor:
+    """The CPU kernel's packed (out, in / 2) uint8 weights -> q (out, in) uint8, the inverse of its packing."""
+    v = packed.view(out // INT4_BLOCK_N, inp, INT4_BLOCK_N // 2)
+    q = torch.stack([v & 15, v >> 4], dim=1)  # (blocks, low/high nibble, in, 32 rows)
+    return q.transpose(2, 3).reshape(out, inp)
+
+
+class QuantizedLinear(nn.Module):
+    """An nn.Linear whose weight is int8 or int4; activations, scales and bias stay in the model's dtype.
+
+    The int4 weight is padded with zeros to a multiple of 64 output rows (the kernel's block) and of `group`
+    inputs; the product is cut back to `out_features` (and the input padded) when it is.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, cfg: QuantConfig,
+                 dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.cfg = in_features, out_features, cfg
+        if cfg.mode == "int8":
+            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.padded_out = _ceil_to(out_features, INT4_BLOCK_N)
+            self.padded_in = _ceil_to(in_features, cfg.group_size)
+            self.register_buffer("qweight", torch.empty(self.padded_out, self.padded_in // 2, dtype=torch.uint8,
+                                                        device=device))
+            self.register_buffer("scales", torch.empty(self.padded_in // cfg.group_size, self.padded_out, 2,
+                                                       dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, cfg: QuantConfig) -> "QuantizedLinear":
+        w = linear.weight
+        if w.device.type != "cpu":
+            raise ValueError(f"weight-only {cfg.mode} uses torch's CPU kernels; the model is on {w.device}")
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, cfg, w.dtype, w.device)
+        if cfg.mode == "int8":
+            qweight, scales = quantize_int8(w)
+            q.qweight.copy_(qweight)
+        else:
+            padded = F.pad(w.float(), (0, q.padded_in - q.in_features, 0, q.padded_out - q.out_features))
+            values, scales = quantize_int4(padded, cfg.group_size)
+            q.qweight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1))
+        q.scales.copy_(scales)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias)
+        return q
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (out, in) weight the quantised values stand for."""
+        # In place after one cast: each pass over a 7B layer's weight costs as much as a tenth of its prefill.
+        if self.cfg.mode == "int8":
+            return self.qweight.to(dtype).mul_(self.scales[:, None].to(dtype))
+        g = self.cfg.group_size
+        scales, zeros = self.scales.transpose(0, 1).to(dtype).unbind(-1)  # (out, in / group) each
+        w = unpack_int4(self.qweight, self.padded_out, self.padded_in).view(self.padded_out, -1, g).to(dtype)
+        w = w.mul_(scales[..., None]).add_((zeros - 8 * scales)[..., None])  # (q - 8) * scale + zero
+        return w.view(self.padded_out, self.padded_in)[:self.out_features, :self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        if x.shape[0] > DENSE_ROWS:
+            return F.linear(x, self.dequantize(x.dtype), self.bias).view(*lead, self.out_features)
+        if self.cfg.mode == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        else:
+            if self.padded_in != self.in_features:
+                x = F.pad(x, (0, self.padded_in - self.in_features))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.cfg.group_size, self.scales)
+            if self.padded_out != self.out_features:
+                y = y[:, :self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.cfg.group_size}" if self.cfg.mode == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.cfg.mode}{group}"
+
+
+def quantized_names(model: nn.Module) -> list[str]:
+    """The linear layers weight-only quantisation replaces: the decoder's and the projector's (the output
+    layer too, unless it shares its weight with the embeddings). The vision tower stays as it is: it runs
+    once per image, as a prefill, where the dense product is the fast one anyway."""
+    names = []
+    for prefix in ("decoder.", "projector."):
+        for name, module in model.get_submodule(prefix[:-1]).named_modules(prefix=prefix[:-1]):
+            if isinstance(module, nn.Linear):
+                names.append(name)
+    if model.cfg.decoder.tie_embeddings:
+        names.remove("decoder.lm_head")
+    return names
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner), leaf, module)
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig) -> None:
+    """Replace each of `quantized_names(model)` with its QuantizedLinear, one layer at a time (in place)."""
+    for name in quantized_names(model):
+        linear = model.get_submodule(name)
+        replace_module(model, name, QuantizedLinear.from_linear(linear, cfg))
+        del linear  # the float weight is freed as soon as its layer is quantised
+
+
+def empty_quantized(model: nn.Module, cfg: QuantConfig, dtype: torch.dtype) -> None:
+    """Give a model (on the meta device) the quantised layers a saved quantised checkpoint fills."""
+    for name in quantized_names(model):
+        linear = model.get_submodule(name)
+        replace_module(model, name, QuantizedLinear(linear.in_features, linear.out_features,
+                                                    linear.bias is not None, cfg, dtype, linear.weight.device))
