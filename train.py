@@ -34,11 +34,11 @@ from safetensors import SafetensorError
 
 from minillavamed import LlavaMed
 from minillavamed.attention import require_triton
-from minillavamed.checkpoint import CheckpointError, check_vocab, save_state
+from minillavamed.checkpoint import CheckpointError, check_vocab, read_config, save_state
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset
 from minillavamed.conversation import get_template, render
 from minillavamed.data import (ConversationDataset, DataError, DataReport, ImageProcessor, check_data, collate,
-                               image_positions, load_records, questions_from_vqa)
+                               image_positions, load_records, questions_from_vqa, record_problem)
 from minillavamed.evaluation import score_vqa
 from minillavamed.inference import Assistant, answer_questions
 from minillavamed.tokenizer import Tokenizer, train_tokenizer
@@ -628,42 +628,54 @@ def find_data(cfg: TrainConfig, d: Dist) -> Data:
     return Data(files, [], image_folder, eval_file, world)
 
 
-def build_model(cfg: TrainConfig, d: Dist, data: Data, source: Path | None, out: Path):
-    """(model, tokenizer): the checkpoint the stage starts from, or for stage 0 from
-    scratch a SentencePiece tokenizer trained on the world's text and a random model of the preset."""
+def model_config(cfg: TrainConfig, d: Dist, data: Data, source: Path | None, out: Path):
+    """(model config, tokenizer), known before any weight is read: the checkpoint's the stage starts from, or
+    for stage 0 from scratch the preset's, with a SentencePiece tokenizer trained on the world's text."""
     if source is None:
         tok_dir = out / "tokenizer"
         mcfg = preset(cfg.preset)
         if d.master and not (tok_dir / "tokenizer.model").exists():
             # Rendered conversations, so that the template's own markers ([INST] ...) become pieces too.
             chat = get_template(cfg.conv or mcfg.conv_template)
-            records = [r for f in data.files for r in read_records(f)]
+            # Records of a bad shape are left out here; the validation pass right after names them.
+            records = [r for f in data.files for r in read_records(f) if record_problem(r) is None]
             texts = [render(chat, r["conversations"]).replace("<image>", "") for r in records]
             texts += [r["fig_caption"] for r in load_records(data.world["pmc"])] if data.world else []
             train_tokenizer(texts, tok_dir, mcfg.decoder.vocab_size)
         barrier(d)
-        tokenizer_file = tok_dir / "tokenizer.model"
-        tokenizer = Tokenizer(tokenizer_file)
+        tokenizer = Tokenizer(tok_dir / "tokenizer.model")
         mcfg.decoder.vocab_size = tokenizer.vocab_size
         mcfg.decoder.bos_id, mcfg.decoder.eos_id = tokenizer.bos_id, tokenizer.eos_id
         mcfg.decoder.pad_id = tokenizer.pad_id
-        model = LlavaMed(mcfg)
     else:
         tokenizer_file = source / "tokenizer.model"
         if not tokenizer_file.exists():
             raise SystemExit(f"{tokenizer_file}: missing; the checkpoint needs its SentencePiece tokenizer")
         tokenizer = Tokenizer(tokenizer_file)
+        try:
+            mcfg = read_config(source, vision_tower=cfg.vision_tower or None)
+        except (CheckpointError, OSError) as e:
+            raise SystemExit(str(e)) from None
+    if cfg.stage != 1 and cfg.conv:  # stage 1's plain template is for alignment only, never the model's
+        mcfg.conv_template = cfg.conv  # the chat format this model is tuned to, saved with it
+    return mcfg, tokenizer
+
+
+def build_model(cfg: TrainConfig, mcfg, source: Path | None) -> LlavaMed:
+    """A random model of `mcfg` (stage 0 from scratch), or the checkpoint the stage starts from."""
+    if source is None:
+        model = LlavaMed(mcfg)
+    else:
         # Read tensor by tensor straight onto the device in the training dtype (a 7B model in bf16 is 15 GB
         # on each GPU and never whole on the host); parallelize() then makes what trains fp32.
         weights = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         model = LlavaMed.from_pretrained(source, vision_tower=cfg.vision_tower or None, dtype=weights,
                                          device=cfg.device)
-    if cfg.stage != 1 and cfg.conv:  # stage 1's plain template is for alignment only, never the model's
-        model.cfg.conv_template = cfg.conv  # the chat format this model is tuned to, saved with it
+        model.cfg.conv_template = mcfg.conv_template
     model.set_attention_backend(cfg.attn)
     model.decoder.checkpointing = cfg.grad_ckpt
     set_trainable(model, cfg.stage)
-    return model, tokenizer
+    return model
 
 
 def master_weights(module: torch.nn.Module, prefix: str, source: Path | None, device: torch.device) -> None:
@@ -999,10 +1011,11 @@ def main(argv=None) -> int:
     if cfg.resume and resume_from is None:
         log(f"--resume: no checkpoint in {out}/checkpoints; starting fresh")
     source = resume_from or (Path(cfg.init_from) if cfg.init_from else None)
-    model, tokenizer = build_model(cfg, d, data, source, out)
-    template = get_template(cfg.conv or model.cfg.conv_template)
-    report = validate_data(cfg, data.files, data.image_folder, template, tokenizer, model.cfg, log)
+    mcfg, tokenizer = model_config(cfg, d, data, source, out)
+    template = get_template(cfg.conv or mcfg.conv_template)
+    report = validate_data(cfg, data.files, data.image_folder, template, tokenizer, mcfg, log)
     data.records = report.records
+    model = build_model(cfg, mcfg, source)
     train_set, val_set = build_datasets(cfg, data, model, template, tokenizer, log)
     accum, steps_per_epoch, max_iters = plan_steps(cfg, d, len(train_set))
     wrapped, trainable = parallelize(model, cfg, d, device, source)

@@ -225,17 +225,41 @@ def load_model(path, vision_tower=None, dtype=None, device=None, projector: str 
     quantize = None if quantize is None else QuantConfig.parse(quantize)
     if quantize is not None and torch.device(device or "cpu").type != "cpu":
         raise ValueError(f"weight-only {quantize.mode} uses torch's CPU kernels; load it with device='cpu'")
+    meta, files = _open_checkpoint(path)
+    if meta.get("model_type") == FORMAT and "quantization" in meta:
+        return _load_quantized(path, meta, files, quantize, dtype or torch.float32)
+    cfg, sources, fresh = _plan(path, meta, files, vision_tower, projector)
+    with torch.device("meta"):
+        model = LlavaMed(cfg)
+    _fill(model, sources, fresh, dtype or torch.float32, torch.device(device or "cpu"), quantize)
+    return model
+
+
+def read_config(path, vision_tower=None, projector: str = "mlp2x_gelu") -> LlavaConfig:
+    """The LlavaConfig `load_model` would build from a checkpoint, read from its config files and the weight
+    files' headers (key names; no tensor is read): what training checks its data against before the model
+    loads."""
+    path = Path(path)
+    meta, files = _open_checkpoint(path)
+    if meta.get("model_type") == FORMAT and "quantization" in meta:
+        return LlavaConfig.from_dict({k: v for k, v in meta.items() if k not in ("model_type", "quantization")})
+    return _plan(path, meta, files, vision_tower, projector)[0]
+
+
+def _open_checkpoint(path: Path) -> tuple[dict, WeightFiles]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
-    meta = _read_json(path / "config.json")
-    files = WeightFiles(path)
+    return _read_json(path / "config.json"), WeightFiles(path)
+
+
+def _plan(path: Path, meta: dict, files: WeightFiles, vision_tower, projector: str):
+    """(config, [(weight files, [(our key, their key)], prefixes of theirs knowingly unused)], parts left at
+    random init) for the layout `meta` describes."""
     kind = meta.get("model_type")
     # (files, [(our key, their key)], prefixes of their keys that are knowingly left unused)
     sources: list[tuple[WeightFiles, list[tuple[str, str]], tuple[str, ...]]] = []
     fresh: list[str] = []  # parts that start from random init (the projector of a fresh LLaVA)
 
-    if kind == FORMAT and "quantization" in meta:
-        return _load_quantized(path, meta, files, quantize, dtype or torch.float32)
     if kind == FORMAT:
         cfg = LlavaConfig.from_dict({k: v for k, v in meta.items() if k != "model_type"})
         ours = [o for o, _ in vision_keys(cfg.vision, "") + decoder_keys(cfg.decoder, "", "")
@@ -309,11 +333,7 @@ def load_model(path, vision_tower=None, dtype=None, device=None, projector: str 
     else:
         raise CheckpointError(f"{path / 'config.json'}: unknown model_type {kind!r}; expected {FORMAT}, llava, "
                               f"llava_llama, llava_mistral, llama or mistral")
-
-    with torch.device("meta"):
-        model = LlavaMed(cfg)
-    _fill(model, sources, fresh, dtype or torch.float32, torch.device(device or "cpu"), quantize)
-    return model
+    return cfg, sources, fresh
 
 
 def _load_quantized(path: Path, meta: dict, files: WeightFiles, quantize, dtype: torch.dtype):

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -186,7 +185,14 @@ def bad_records(world, tmp_path) -> Path:
 def test_train_names_bad_records_before_any_work(world, base, tmp_path):
     data = bad_records(world, tmp_path)
     out = tmp_path / "out"
-    res = run(*stage2(world, base, out, "--max_iters", "1", "--data", str(data)))
+    # A mis-shaped tensor, which only loading the weights finds: the data is checked before the model loads
+    # (the checkpoint's config, tokenizer and weight-file headers are all that is read first).
+    broken = tmp_path / "base"
+    shutil.copytree(base, broken)
+    state = load_file(broken / "model.safetensors")
+    state["projector.linears.0.weight"] = state["projector.linears.0.weight"][:, :-1].contiguous()
+    save_file(state, broken / "model.safetensors")
+    res = run(*stage2(world, broken, out, "--max_iters", "1", "--data", str(data)))
     assert res.returncode == 1
     line = last_line(res)
     assert f"4 bad record(s), first: {data}:11 (id 'null_value'): turn 1 has value None" in line
@@ -219,7 +225,7 @@ def test_train_refuses_samples_past_the_models_positions(world, base, tmp_path):
     data.write_text(json.dumps(records + [long]))
     res = run(*stage2(world, base, tmp_path / "out", "--max_iters", "1", "--data", str(data), "--max_len", "2048"))
     assert res.returncode == 1
-    assert f"longer than the model's max_seq_len 512" in last_line(res)
+    assert "longer than the model's max_seq_len 512" in last_line(res)
     assert f"{data}[{len(records)}] (id 'long')" in last_line(res) and "pass --max_len 512" in last_line(res)
 
 

@@ -11,7 +11,7 @@ from transformers import CLIPConfig, CLIPModel, LlavaForConditionalGeneration
 
 import hf_oracle as hf
 from minillavamed import LlavaMed
-from minillavamed.checkpoint import CheckpointError, export_llava_hf
+from minillavamed.checkpoint import CheckpointError, export_llava_hf, read_config
 from minillavamed.config import LlavaConfig, preset
 from test_model import PROMPTS, assert_close_scaled, expand_for_hf, pad
 
@@ -61,6 +61,7 @@ def test_llava_hf_sharded_layout(ref, tmp_path):
     ours = LlavaMed.from_pretrained(tmp_path)
     assert_close_scaled(*logits_vs_hf(ours, ref))
     assert ours.cfg.conv_template == "mistral_instruct"
+    assert read_config(tmp_path) == ours.cfg  # what training validates its data against, no tensor read
 
 
 def test_original_llava_layout(ref, tmp_path):
@@ -73,6 +74,7 @@ def test_original_llava_layout(ref, tmp_path):
         LlavaMed.from_pretrained(llava_dir)
     ours = LlavaMed.from_pretrained(llava_dir, vision_tower=moved)
     assert_close_scaled(*logits_vs_hf(ours, ref))
+    assert read_config(llava_dir, vision_tower=moved) == ours.cfg
 
 
 def test_clip_plus_llm_builds_a_fresh_llava(tmp_path):
@@ -86,6 +88,7 @@ def test_clip_plus_llm_builds_a_fresh_llava(tmp_path):
     full.save_pretrained(tmp_path / "clip")
     mistral.save_pretrained(tmp_path / "mistral")
     ours = LlavaMed.from_pretrained(tmp_path / "mistral", vision_tower=tmp_path / "clip", projector="linear")
+    assert read_config(tmp_path / "mistral", vision_tower=tmp_path / "clip", projector="linear") == ours.cfg
     pixels = torch.randn(2, 3, 32, 32)
     ids = torch.randint(3, 120, (2, 9))
     with torch.no_grad():
@@ -258,6 +261,7 @@ def test_llava_med_v1_layout_is_prompted_as_it_was_trained(tmp_path):
     v1_dir, clip, llama, proj = write_v1_layout(tmp_path)
     ours = LlavaMed.from_pretrained(v1_dir)
     cfg = ours.cfg
+    assert read_config(v1_dir) == cfg
     assert cfg.mm_use_im_start_end and cfg.conv_template == "llava_med_v1" and cfg.image_aspect_ratio == "crop"
     tok = Tokenizer(v1_dir)
     prompt = build_prompt(get_template(cfg.conv_template), "what is shown?", im_start_end=cfg.mm_use_im_start_end)
