@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minillavamed import LlavaMed  # noqa: E402
 from minillavamed.checkpoint import FORMAT  # noqa: E402
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset  # noqa: E402
-from minillavamed.quantize import QuantConfig, QuantizedLinear, quantize_int4, quantize_int8  # noqa: E402
+from minillavamed.quantize import QuantConfig, QuantizedLinear, quantize_int8  # noqa: E402
 
 PRESET = "llava-med-v1.5-mistral-7b"
 TEXT_TOKENS = 52  # with 576 image positions: 628, a LLaVA-Med v1.5 image question

@@ -65,3 +65,36 @@ def llava(seed=0, text="mistral") -> LlavaForConditionalGeneration:
                       vision_feature_layer=-2, vision_feature_select_strategy="default",
                       projector_hidden_act="gelu", image_seq_length=16)
     return seeded(LlavaForConditionalGeneration, cfg, seed)
+
+
+# Prompt-like text for the tiny SentencePiece tokenizers of the llava-hf checkpoints below.
+TEXTS = ["what is shown in this image?", "is there an opacity in the left lower lobe?", "the heart is enlarged.",
+         "describe the figure.", "a ct scan of the abdomen with a small lesion on the right side."] * 20
+
+
+def llava_hf_checkpoint(root, name: str, **text_kw):
+    """A tiny random llava-hf checkpoint in root/name, as a user would download one: a SentencePiece
+    tokenizer beside the weights (one more embedding row than it has pieces: the <image> token), and three
+    random 32-px PNGs img0..img2 in root. Returns (transformers model, our Tokenizer)."""
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from minillavamed.tokenizer import train_tokenizer
+
+    root = Path(root)
+    tok = train_tokenizer(TEXTS, root / "tok", vocab_size=300)
+    vocab = tok.vocab_size
+    cfg = LlavaConfig(vision_config=clip_config(), image_seq_length=16, image_token_index=vocab,
+                      text_config=mistral_config(vocab_size=vocab + 1, bos_token_id=tok.bos_id,
+                                                 eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **text_kw))
+    model = seeded(LlavaForConditionalGeneration, cfg, seed=11)
+    model.save_pretrained(root / name)
+    shutil.copy(root / "tok" / "tokenizer.model", root / name / "tokenizer.model")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    return model, tok
+

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -23,28 +22,12 @@ from minillavamed.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from minillavamed import LlavaMed
 from minillavamed.inference import Assistant
 from minillavamed.tokenizer import train_tokenizer
-from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-TEXTS = ["what is shown in this image?", "is there an opacity in the left lower lobe?", "the heart is enlarged.",
-         "describe the figure.", "a ct scan of the abdomen with a small lesion on the right side."] * 20
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny random llava-hf checkpoint with a SentencePiece tokenizer, as a user would download one."""
     root = tmp_path_factory.mktemp("llava_hf")
-    tok = train_tokenizer(TEXTS, root / "tok", vocab_size=300)
-    vocab = tok.vocab_size
-    cfg = LlavaConfig(vision_config=hf.clip_config(), image_seq_length=16, image_token_index=vocab,
-                      text_config=hf.mistral_config(vocab_size=vocab + 1, bos_token_id=tok.bos_id,
-                                                    eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
-    model = hf.seeded(LlavaForConditionalGeneration, cfg, seed=11)
-    path = root / "model"
-    model.save_pretrained(path)
-    shutil.copy(root / "tok" / "tokenizer.model", path / "tokenizer.model")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    model, tok = hf.llava_hf_checkpoint(root, "model")
     return root, model, tok
 
 
@@ -157,7 +140,7 @@ def test_a_tokenizer_larger_than_the_model_is_refused(checkpoint, tmp_path):
     root, _, _ = checkpoint
     model = tmp_path / "model"
     shutil.copytree(root / "model", model)
-    big = train_tokenizer(TEXTS * 3 + [f"word{i} token{i}" for i in range(400)], tmp_path / "tok", vocab_size=500)
+    big = train_tokenizer(hf.TEXTS * 3 + [f"word{i} token{i}" for i in range(400)], tmp_path / "tok", vocab_size=500)
     shutil.copy(tmp_path / "tok" / "tokenizer.model", model / "tokenizer.model")
     res = run_sample("--model", str(model), "--prompt", "hi")
     assert res.returncode == 1

@@ -7,7 +7,6 @@ import base64
 import dataclasses
 import http.client
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,22 +14,17 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import openai
 import pytest
 import torch
 from PIL import Image
-from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 import hf_oracle as hf
 import sample
 from minillavamed import evaluation
 from minillavamed.inference import Assistant
 from minillavamed.serve import Server, ServeConfig, access_warning
-from minillavamed.tokenizer import train_tokenizer
 
-TEXTS = ["what is shown in this image?", "is there an opacity in the left lower lobe?", "the heart is enlarged.",
-         "describe the figure.", "a ct scan of the abdomen with a small lesion on the right side."] * 20
 NAME = "tiny-llava"
 CONTEXT = 2048
 QUESTIONS = ["is there an opacity?", "describe the figure in detail please, what is shown in this image?", "where?",
@@ -41,17 +35,7 @@ QUESTIONS = ["is there an opacity?", "describe the figure in detail please, what
 def checkpoint(tmp_path_factory):
     """A tiny random llava-hf checkpoint with a SentencePiece tokenizer and three PNG images beside it."""
     root = tmp_path_factory.mktemp("serve")
-    tok = train_tokenizer(TEXTS, root / "tok", vocab_size=300)
-    vocab = tok.vocab_size
-    cfg = LlavaConfig(vision_config=hf.clip_config(), image_seq_length=16, image_token_index=vocab,
-                      text_config=hf.mistral_config(vocab_size=vocab + 1, bos_token_id=tok.bos_id,
-                                                    eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-                                                    max_position_embeddings=CONTEXT))
-    hf.seeded(LlavaForConditionalGeneration, cfg, seed=11).save_pretrained(root / NAME)
-    shutil.copy(root / "tok" / "tokenizer.model", root / NAME / "tokenizer.model")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    hf.llava_hf_checkpoint(root, NAME, max_position_embeddings=CONTEXT)
     return root
 
 
