@@ -292,3 +292,23 @@ def test_bf16_keeps_frozen_parts_bf16_and_what_trains_fp32(world, base, tmp_path
     assert saved["vision.blocks.0.fc1.weight"].dtype == torch.bfloat16  # frozen: read and kept in bf16
     assert saved["decoder.blocks.0.gate_up.weight"].dtype == torch.float32  # trains: fp32 master weights
     assert saved["projector.linears.0.weight"].dtype == torch.float32
+
+
+def test_stage2_from_a_llava_med_v1_checkpoint_keeps_its_image_markers(world, tmp_path):
+    """A v1-layout checkpoint (mm_use_im_start_end, <im_start>/<im_patch>/<im_end> added to the tokenizer) is
+    tuned with v1.0's prompts and saved with its added tokens, so that the result loads and answers."""
+    from minillavamed.data import load_image
+    from minillavamed.inference import Assistant
+    from test_checkpoint import write_v1_layout
+
+    records = json.loads(Path(world["instruct"]).read_text())
+    v1_dir, *_ = write_v1_layout(tmp_path, [c["value"] for r in records for c in r["conversations"]])
+    out = tmp_path / "out"
+    assert train.main(args(world, 2, out, "--init_from", str(v1_dir), "--max_iters", "1")) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["mm_use_im_start_end"] and saved["conv_template"] == "llava_med_v1"
+    assert json.loads((out / "added_tokens.json").read_text()) == json.loads((v1_dir / "added_tokens.json").read_text())
+    assert json.loads((out / "eval.json").read_text())["n_questions"] == 4  # answered with v1.0's prompt
+    assistant = Assistant.load(out)
+    image = load_image(Path(world["image_folder"]) / records[0]["image"])
+    assert isinstance(assistant.answer(["what is shown?"], [image], max_new_tokens=4)[0], str)
