@@ -26,7 +26,7 @@ import torch
 from minillavamed.checkpoint import CheckpointError
 from minillavamed.conversation import TEMPLATES
 from minillavamed.data import ImageLoadError, load_image, located_records, questions_from_vqa, record_problem
-from minillavamed.inference import Assistant, answer_questions
+from minillavamed.inference import Assistant, answer_questions, device_arg
 from minillavamed.instruct import read_jsonl_resume
 
 DEFAULT_MODEL = Path("out/tiny/stage2")
@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--served_name", type=str, default=None, help="the model id (default: the --model dir's name)")
     s.add_argument("--max_batch", type=int, default=8, help="requests decoded together; as many more may wait")
     s.add_argument("--api_key", type=str, default=None, help="require 'Authorization: Bearer KEY'")
-    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: bfloat16 on GPUs and for --quantize, float32 otherwise")
     p.add_argument("--quantize", choices=QUANTIZE, default=None,

@@ -40,7 +40,7 @@ from minillavamed.conversation import get_template, render
 from minillavamed.data import (ConversationDataset, DataError, DataReport, ImageProcessor, check_data, collate,
                                image_positions, load_records, questions_from_vqa, record_problem)
 from minillavamed.evaluation import score_vqa
-from minillavamed.inference import Assistant, answer_questions
+from minillavamed.inference import Assistant, answer_questions, device_arg
 from minillavamed.tokenizer import Tokenizer, train_tokenizer
 
 # Paper recipe (LLaVA-Med v1 scripts) per stage; "tiny" where the paper's numbers don't fit a CPU run.
@@ -157,6 +157,7 @@ def _flag_types() -> dict:
         "log_interval": dict(type=at_least_one), "eval_interval": dict(type=_number(int, low=0)),
         "ckpt_interval": dict(type=at_least_one), "keep_last": dict(type=at_least_one),
         "peak_tflops": dict(type=_number(float, low=0)), "num_workers": dict(type=_number(int, low=-1)),
+        "device": dict(type=lambda text: text and device_arg(text)),  # "", the default: cuda if there is one
     }
 
 

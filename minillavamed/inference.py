@@ -9,6 +9,7 @@ answer through here, so they can never disagree on how a prompt is built.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import time
@@ -97,6 +98,20 @@ class Assistant:
         for stop in self.template.stop_strings:
             text = text.split(stop)[0]
         return text.strip()
+
+
+def device_arg(name: str) -> str:
+    """The scripts' --device type: `name` if it is a torch device this machine has, else an error saying why."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a torch device ({str(e).splitlines()[0]})") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                                         "use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{name!r}: only cpu and cuda devices are supported")
+    return name
 
 
 def check_finite(model: LlavaMed, where) -> None:

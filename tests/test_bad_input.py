@@ -69,7 +69,7 @@ def run_a(world, base, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------ train.py
 @pytest.mark.parametrize("flag,value", [("--global_batch", "-4"), ("--keep_last", "-1"), ("--log_interval", "0"),
-                                        ("--lr", "0"), ("--dtype", "banana")])
+                                        ("--lr", "0"), ("--dtype", "banana"), ("--device", "bogus")])
 def test_train_rejects_a_bad_flag_naming_it(tmp_path, flag, value):
     res = run("train.py", "--stage", "2", "--out_dir", str(tmp_path / "out"), flag, value)
     assert res.returncode == 2
@@ -230,7 +230,7 @@ def test_train_refuses_samples_past_the_models_positions(world, base, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- sample.py
-@pytest.mark.parametrize("flag,value", [("--batch_size", "-1"), ("--top_p", "0")])
+@pytest.mark.parametrize("flag,value", [("--batch_size", "-1"), ("--top_p", "0"), ("--device", "bogus")])
 def test_sample_rejects_a_bad_flag_naming_it(flag, value):
     res = run("sample.py", "--prompt", "hi", flag, value)
     assert res.returncode == 2 and f"argument {flag}:" in last_line(res)
