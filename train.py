@@ -473,7 +473,8 @@ def validate_data(cfg: TrainConfig, files, image_folder, template, tokenizer, mo
     try:
         check_vocab(model_cfg, tokenizer.vocab_size, cfg.init_from or cfg.out_dir)
         report = check_data(files, image_folder, template, tokenizer, cfg.max_len, image_positions(model_cfg.vision),
-                            model_cfg.decoder.max_seq_len, cfg.skip_bad_records, cfg.skip_bad_images)
+                            model_cfg.decoder.max_seq_len, cfg.skip_bad_records, cfg.skip_bad_images,
+                            im_start_end=model_cfg.mm_use_im_start_end)
     except (CheckpointError, DataError, OSError) as e:
         raise SystemExit(str(e)) from None
     summary = report.summary()

@@ -252,11 +252,13 @@ class DataReport:
 
 def check_data(files: Sequence[str | os.PathLike], image_root: str | os.PathLike | None, template: Template,
                tokenizer: Tokenizer, max_len: int, num_image_tokens: int, max_seq_len: int,
-               skip_bad_records: bool = False, skip_bad_images: bool = False, show: int = 3) -> DataReport:
+               skip_bad_records: bool = False, skip_bad_images: bool = False, show: int = 3,
+               im_start_end: bool = False) -> DataReport:
     """One pass over the data files before any work: each record's shape (`record_problem`, then the
     template's own rules), each referenced image's header (the pixels stay lazy), and each sample's length
     against `max_len` and the model's `max_seq_len`. Raises DataError naming the first `show` bad records
-    by file:line (or file[index]) and id, with the flag that skips them; a skipped record is counted."""
+    by file:line (or file[index]) and id, with the flag that skips them; a skipped record is counted.
+    `im_start_end`: tokenize as the dataset will for the model (ConversationDataset's)."""
     report = DataReport(records=[])
     bad: dict[str, list[str]] = {"record": [], "image": []}
     images: dict[str, str | None] = {}  # path -> problem, each file opened once
@@ -270,7 +272,8 @@ def check_data(files: Sequence[str | os.PathLike], image_root: str | os.PathLike
             if problem is None:
                 try:
                     ids, _ = tokenize_conversation(template, conversations_of(record), tokenizer,
-                                                   with_image=record.get("image") is not None)
+                                                   with_image=record.get("image") is not None,
+                                                   im_start_end=im_start_end)
                 except ValueError as e:
                     problem = str(e)
             if problem is not None:
