@@ -40,6 +40,12 @@ class VisionConfig:
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    @property
+    def tokens_per_image(self) -> int:
+        """Decoder positions one image sentinel becomes: its patches, plus the class token under "cls_patch".
+        LLaVA-Med v1's <im_start> and <im_end> (mm_use_im_start_end) are ordinary prompt tokens beside it."""
+        return self.num_patches + (self.select_feature == "cls_patch")
+
 
 @dataclass
 class ProjectorConfig:

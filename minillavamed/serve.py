@@ -217,8 +217,7 @@ def make_job(assistant: Assistant, body: dict, cfg: ServeConfig) -> Job:
     prompt = assistant.prompt_ids(question, image is not None, history, system)
     if prompt.count(IMAGE_TOKEN_INDEX) != (image is not None):
         raise APIError(400, f"the text may not contain {IMAGE!r}: the server places the image itself", "messages")
-    vision = assistant.model.cfg.vision
-    prompt_tokens = len(prompt) + (vision.num_patches - 1 if image is not None else 0)
+    prompt_tokens = len(prompt) + (assistant.model.cfg.vision.tokens_per_image - 1 if image is not None else 0)
     context = assistant.model.cfg.decoder.max_seq_len
     if prompt_tokens >= context:
         raise APIError(400, f"the prompt is {prompt_tokens} tokens; the model's context is {context} tokens",
