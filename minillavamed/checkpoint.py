@@ -31,6 +31,8 @@ from minillavamed.config import DecoderConfig, LlavaConfig, ProjectorConfig, Vis
 from minillavamed.projector import projector_depth
 
 FORMAT = "minillavamed"
+# Largest weight file written; past it the tensors go in numbered shards with an index (transformers' default).
+SHARD_BYTES = 5 * 2**30
 
 
 class CheckpointError(ValueError):
@@ -535,12 +537,12 @@ def _write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def save_model(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_model(model, path, max_shard_bytes: int = SHARD_BYTES) -> None:
     """Our format: config.json (model_type minillavamed + the LlavaConfig) and the weights."""
     save_state(model.cfg, model.state_dict(), path, max_shard_bytes, getattr(model, "quantization", None))
 
 
-def save_state(cfg: LlavaConfig, state: dict[str, torch.Tensor], path, max_shard_bytes: int = 5 * 2**30,
+def save_state(cfg: LlavaConfig, state: dict[str, torch.Tensor], path, max_shard_bytes: int = SHARD_BYTES,
                quantization=None) -> None:
     """save_model for a state dict gathered elsewhere (e.g. from FSDP shards); `quantization`: a QuantConfig."""
     path = Path(path)
@@ -552,7 +554,7 @@ def save_state(cfg: LlavaConfig, state: dict[str, torch.Tensor], path, max_shard
     _write_tensors(state, path, max_shard_bytes)
 
 
-def export_llava_hf(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
+def export_llava_hf(model, path, max_shard_bytes: int = SHARD_BYTES) -> None:
     """Write the transformers llava-hf layout, so that LlavaForConditionalGeneration opens a trained model.
 
     llava-hf marks image positions with a real token id, so the vocabulary grows by one row for it (id =
