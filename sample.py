@@ -26,7 +26,7 @@ import torch
 from minillavamed.checkpoint import CheckpointError
 from minillavamed.conversation import TEMPLATES
 from minillavamed.data import ImageLoadError, load_image, located_records, questions_from_vqa, record_problem
-from minillavamed.inference import Assistant, answer_questions, device_arg
+from minillavamed.inference import Assistant, answer_questions, default_dtype, device_arg
 from minillavamed.instruct import read_jsonl_resume
 
 DEFAULT_MODEL = Path("out/tiny/stage2")
@@ -103,9 +103,7 @@ def load_assistant(args) -> Assistant:
         hint = ("train the tiny model first: python train.py --stage 0 && python train.py --stage 1 && "
                 "python train.py --stage 2" if args.model is None else "pass a checkpoint directory")
         raise SystemExit(f"no model at {path}: {hint}")
-    # Quantised layers run fastest on bf16 activations (bench/local_7b.py).
-    fast = args.device.startswith("cuda") or args.quantize is not None
-    dtype = DTYPES[args.dtype or ("bfloat16" if fast else "float32")]
+    dtype = DTYPES[args.dtype or default_dtype(args.device, args.quantize)]
     return Assistant.load(path, vision_tower=args.vision_tower, conv=args.conv, device=args.device, dtype=dtype,
                           quantize=args.quantize)
 

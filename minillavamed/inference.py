@@ -114,6 +114,13 @@ def device_arg(name: str) -> str:
     return name
 
 
+def default_dtype(device: str, quantize: str | None = None) -> str:
+    """The scripts' --dtype when it is left out: bfloat16 on GPUs (what their fast kernels and LLaVA-Med's
+    weights are) and under weight-only quantisation (its layers run fastest on bf16 activations,
+    bench/local_7b.py), else float32."""
+    return "bfloat16" if device.startswith("cuda") or quantize is not None else "float32"
+
+
 def check_finite(model: LlavaMed, where) -> None:
     """NaN or inf weights answer with garbage or nothing at all: refuse them, naming the first tensor."""
     for name, p in model.named_parameters():

@@ -182,7 +182,7 @@ class LlavaMed(nn.Module):
                 total += product(block.attn.wo.weight, positions)
                 grad = grad or trains(block.norm2)
                 total += product(block.fc1.weight, positions) + product(block.fc2.weight, positions)
-            per_image = v.num_patches + (v.select_feature == "cls_patch")
+            per_image = v.tokens_per_image
             for linear in self.projector.linears:
                 total += product(linear.weight, images * per_image)
             tokens = text_tokens + images * per_image

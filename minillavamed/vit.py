@@ -63,11 +63,16 @@ class VisionTower(nn.Module):
         if not 0 <= n <= cfg.layers:
             raise ValueError(f"select_layer {cfg.select_layer} is out of range for {cfg.layers} layers")
         self.n_run = n
-        # Parameters past the selected layer get no gradient; freezing them keeps DDP from waiting for one.
-        for block in self.blocks[n:]:
-            block.requires_grad_(False)
-        self.post_norm.requires_grad_(False)
+        self.requires_grad_()  # freezes what never runs (below)
         self.backend = "sdpa"
+
+    def requires_grad_(self, requires_grad: bool = True) -> "VisionTower":
+        """nn.Module's, except that the blocks past the selected layer and the post-norm, which never reach the
+        output, stay frozen whatever is asked: they get no gradient, and DDP would wait for one."""
+        super().requires_grad_(requires_grad)
+        for p in [*self.blocks[self.n_run:].parameters(), *self.post_norm.parameters()]:
+            p.requires_grad_(False)
+        return self
 
     def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
         """(batch, 3, H, W) -> (batch, num_patches, width): CLIP's patch convolution, row-major patch order.
