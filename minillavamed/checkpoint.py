@@ -28,7 +28,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minillavamed.config import DecoderConfig, LlavaConfig, ProjectorConfig, VisionConfig
+from minillavamed.conversation import IM_END, IM_PATCH, IM_START
 from minillavamed.projector import projector_depth
+from minillavamed.quantize import QuantConfig, QuantizedLinear, empty_quantized, quantized_names, replace_module
+from minillavamed.tokenizer import Tokenizer
 
 FORMAT = "minillavamed"
 # Largest weight file written; past it the tensors go in numbered shards with an index (transformers' default).
@@ -217,22 +220,21 @@ def _conv_for(llm_type: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def load_model(path, vision_tower=None, dtype=None, device=None, projector: str = "mlp2x_gelu", quantize=None):
-    """Build a LlavaMed from any supported layout (see the module docstring); missing, unexpected or
-    mis-shaped tensors raise CheckpointError naming the key and the file. `quantize`: see quantize.py."""
-    from minillavamed.llava import LlavaMed
-    from minillavamed.quantize import QuantConfig
-
+def load_model(model_class, path, vision_tower=None, dtype=None, device=None, projector: str = "mlp2x_gelu",
+               quantize=None):
+    """Build `model_class` (LlavaMed, whose from_pretrained calls this) from any supported layout (see the module
+    docstring); missing, unexpected or mis-shaped tensors raise CheckpointError naming the key and the file.
+    `quantize`: see quantize.py."""
     path = Path(path)
     quantize = None if quantize is None else QuantConfig.parse(quantize)
     if quantize is not None and torch.device(device or "cpu").type != "cpu":
         raise ValueError(f"weight-only {quantize.mode} uses torch's CPU kernels; load it with device='cpu'")
     meta, files = _open_checkpoint(path)
     if meta.get("model_type") == FORMAT and "quantization" in meta:
-        return _load_quantized(path, meta, files, quantize, dtype or torch.float32)
+        return _load_quantized(model_class, path, meta, files, quantize, dtype or torch.float32)
     cfg, sources, fresh = _plan(path, meta, files, vision_tower, projector)
     with torch.device("meta"):
-        model = LlavaMed(cfg)
+        model = model_class(cfg)
     _fill(model, sources, fresh, dtype or torch.float32, torch.device(device or "cpu"), quantize)
     return model
 
@@ -338,11 +340,8 @@ def _plan(path: Path, meta: dict, files: WeightFiles, vision_tower, projector: s
     return cfg, sources, fresh
 
 
-def _load_quantized(path: Path, meta: dict, files: WeightFiles, quantize, dtype: torch.dtype):
+def _load_quantized(model_class, path: Path, meta: dict, files: WeightFiles, quantize, dtype: torch.dtype):
     """A checkpoint save_model wrote from a quantised model: its tensors are the model's state dict."""
-    from minillavamed.llava import LlavaMed
-    from minillavamed.quantize import QuantConfig, empty_quantized
-
     try:
         saved = QuantConfig.parse(meta["quantization"])
     except (TypeError, ValueError) as e:
@@ -352,7 +351,7 @@ def _load_quantized(path: Path, meta: dict, files: WeightFiles, quantize, dtype:
                               f"or quantize its bf16 original)")
     cfg = LlavaConfig.from_dict({k: v for k, v in meta.items() if k not in ("model_type", "quantization")})
     with torch.device("meta"):
-        model = LlavaMed(cfg)
+        model = model_class(cfg)
     empty_quantized(model, saved, dtype)
     model.quantization = saved
     state = model.state_dict(keep_vars=True)
@@ -382,9 +381,6 @@ def _load_quantized(path: Path, meta: dict, files: WeightFiles, quantize, dtype:
 
 def _check_image_markers(path: Path, cfg: LlavaConfig) -> None:
     """A v1 checkpoint's tokenizer must hold <im_start>, <im_patch>, <im_end> with embedding rows."""
-    from minillavamed.conversation import IM_END, IM_PATCH, IM_START
-    from minillavamed.tokenizer import Tokenizer
-
     if not (path / "tokenizer.model").exists():
         return  # the tokenizer comes from elsewhere; tokenize_prompt checks it then
     added = Tokenizer(path).added
@@ -402,8 +398,6 @@ def add_image_markers(model, tokenizer) -> None:
     """Turn on LLaVA-Med v1's mm_use_im_start_end for a model that lacks it, as v1.0's
     initialize_vision_tokenizer did: <im_patch>, <im_start>, <im_end> join the tokenizer (those it lacks),
     and the embedding and output matrices grow to cover them, new rows set to the mean of the old ones."""
-    from minillavamed.conversation import IM_END, IM_PATCH, IM_START
-
     tokenizer.add_tokens([IM_PATCH, IM_START, IM_END])
     d = model.cfg.decoder
     rows = max(max(tokenizer.added.values()) + 1, d.vocab_size)
@@ -456,8 +450,6 @@ def _clip_prefix(clip: WeightFiles, directory: Path) -> str:
 def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, device: torch.device, quantize=None) -> None:
     """Replace every meta parameter with its checkpoint tensor (cast to dtype, moved to device); with `quantize`
     (a QuantConfig), each linear layer it covers is quantised as soon as its last parameter is in."""
-    from minillavamed.quantize import QuantizedLinear, quantized_names, replace_module
-
     params = dict(model.named_parameters())
     to_quantize = set(quantized_names(model)) if quantize is not None else set()
     wanted = {k for k in params if not any(k.startswith(f) for f in fresh)}

@@ -21,10 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillavamed import checkpoint
 from minillavamed.attention import BACKENDS
 from minillavamed.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaConfig
 from minillavamed.decoder import Decoder, KVCache
 from minillavamed.projector import Projector
+from minillavamed.quantize import QuantConfig, quantize_model
 from minillavamed.vit import VisionTower
 
 
@@ -38,7 +40,7 @@ class LlavaMed(nn.Module):
         self.quantization = None  # a QuantConfig once quantize() has replaced the linear layers
         self.apply(_init_weights)
 
-    # ---- loading and saving live in checkpoint.py; these are the public entry points ----
+    # ---- loading and saving live in checkpoint.py (which knows files and layouts); these are the entry points ----
     @classmethod
     def from_pretrained(cls, path, vision_tower=None, dtype=None, device=None, projector: str = "mlp2x_gelu",
                         quantize=None):
@@ -47,20 +49,14 @@ class LlavaMed(nn.Module):
 
         `quantize` ("int8", "int4", "int4-<group>" or a QuantConfig) quantises each layer as soon as it is
         read, so that memory never holds more than one layer in `dtype` besides the quantised rest."""
-        from minillavamed.checkpoint import load_model
+        return checkpoint.load_model(cls, path, vision_tower=vision_tower, dtype=dtype, device=device,
+                                     projector=projector, quantize=quantize)
 
-        return load_model(path, vision_tower=vision_tower, dtype=dtype, device=device, projector=projector,
-                          quantize=quantize)
-
-    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30) -> None:
-        from minillavamed.checkpoint import save_model
-
-        save_model(self, path, max_shard_bytes=max_shard_bytes)
+    def save_pretrained(self, path, max_shard_bytes: int = checkpoint.SHARD_BYTES) -> None:
+        checkpoint.save_model(self, path, max_shard_bytes=max_shard_bytes)
 
     def quantize(self, mode="int8") -> "LlavaMed":
         """Weight-only int8 / int4 for CPU sampling, in place (see quantize.py); returns the model."""
-        from minillavamed.quantize import QuantConfig, quantize_model
-
         if self.quantization is not None:
             raise ValueError(f"the model is already quantised ({self.quantization.mode})")
         self.quantization = QuantConfig.parse(mode)
