@@ -27,9 +27,8 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minillavamed.config import DecoderConfig, LlavaConfig, ProjectorConfig, VisionConfig
+from minillavamed.config import ConfigError, DecoderConfig, LlavaConfig, ProjectorConfig, VisionConfig
 from minillavamed.conversation import IM_END, IM_PATCH, IM_START
-from minillavamed.projector import projector_depth
 from minillavamed.quantize import QuantConfig, QuantizedLinear, empty_quantized, quantized_names, replace_module
 from minillavamed.tokenizer import Tokenizer
 
@@ -159,9 +158,8 @@ def decoder_keys(cfg: DecoderConfig, pre: str, head: str) -> list[tuple[str, str
 
 def projector_keys(cfg: ProjectorConfig, pre: str, style: str) -> list[tuple[str, str]]:
     """style 'hf': linear_1, linear_2; 'llava': an nn.Sequential (0, 2, ...) or a bare Linear."""
-    depth = projector_depth(cfg.type)
     pairs = []
-    for i in range(depth):
+    for i in range(cfg.depth):
         if style == "hf":
             theirs = f"{pre}linear_{i + 1}"
         else:
@@ -246,7 +244,7 @@ def read_config(path, vision_tower=None, projector: str = "mlp2x_gelu") -> Llava
     path = Path(path)
     meta, files = _open_checkpoint(path)
     if meta.get("model_type") == FORMAT and "quantization" in meta:
-        return LlavaConfig.from_dict({k: v for k, v in meta.items() if k not in ("model_type", "quantization")})
+        return _our_config(path, meta)
     return _plan(path, meta, files, vision_tower, projector)[0]
 
 
@@ -256,16 +254,31 @@ def _open_checkpoint(path: Path) -> tuple[dict, WeightFiles]:
     return _read_json(path / "config.json"), WeightFiles(path)
 
 
+def _our_config(path: Path, meta: dict) -> LlavaConfig:
+    """The LlavaConfig of our format's config.json."""
+    try:
+        return LlavaConfig.from_dict({k: v for k, v in meta.items() if k not in ("model_type", "quantization")})
+    except ConfigError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+
+
 def _plan(path: Path, meta: dict, files: WeightFiles, vision_tower, projector: str):
     """(config, [(weight files, [(our key, their key)], prefixes of theirs knowingly unused)], parts left at
     random init) for the layout `meta` describes."""
+    try:
+        return _layout(path, meta, files, vision_tower, projector)
+    except ConfigError as e:  # a value of theirs our configs refuse (e.g. mm_vision_select_feature)
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+
+
+def _layout(path: Path, meta: dict, files: WeightFiles, vision_tower, projector: str):
     kind = meta.get("model_type")
     # (files, [(our key, their key)], prefixes of their keys that are knowingly left unused)
     sources: list[tuple[WeightFiles, list[tuple[str, str]], tuple[str, ...]]] = []
     fresh: list[str] = []  # parts that start from random init (the projector of a fresh LLaVA)
 
     if kind == FORMAT:
-        cfg = LlavaConfig.from_dict({k: v for k, v in meta.items() if k != "model_type"})
+        cfg = _our_config(path, meta)
         ours = [o for o, _ in vision_keys(cfg.vision, "") + decoder_keys(cfg.decoder, "", "")
                 + projector_keys(cfg.projector, "", "hf")]  # our names: the left side of every key map
         sources.append((files, [(k, k) for k in ours], ()))
@@ -349,7 +362,7 @@ def _load_quantized(model_class, path: Path, meta: dict, files: WeightFiles, qua
     if quantize is not None and quantize != saved:
         raise CheckpointError(f"{path}: saved quantised as {saved}; asked for {quantize} (load it without quantize, "
                               f"or quantize its bf16 original)")
-    cfg = LlavaConfig.from_dict({k: v for k, v in meta.items() if k not in ("model_type", "quantization")})
+    cfg = _our_config(path, meta)
     with torch.device("meta"):
         model = model_class(cfg)
     empty_quantized(model, saved, dtype)
@@ -556,7 +569,7 @@ def export_llava_hf(model, path, max_shard_bytes: int = SHARD_BYTES) -> None:
     cfg: LlavaConfig = model.cfg
     if getattr(model, "quantization", None) is not None:
         raise ValueError("llava-hf holds float weights; export the model before quantising it")
-    if projector_depth(cfg.projector.type) != 2:
+    if cfg.projector.depth != 2:
         raise ValueError(f"llava-hf has a two-layer projector; {cfg.projector.type!r} cannot be exported to it")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

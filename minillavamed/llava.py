@@ -35,7 +35,7 @@ class LlavaMed(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = VisionTower(cfg.vision)
-        self.projector = Projector(cfg.projector.type, cfg.vision.width, cfg.decoder.dim)
+        self.projector = Projector(cfg.projector, cfg.vision.width, cfg.decoder.dim)
         self.decoder = Decoder(cfg.decoder)
         self.quantization = None  # a QuantConfig once quantize() has replaced the linear layers
         self.apply(_init_weights)

@@ -59,10 +59,7 @@ class VisionTower(nn.Module):
         self.post_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         # hidden_states[i] is the output of i blocks (0: the normalized embeddings), so select_layer=-2
         # of 24 blocks means running 23 of them.
-        n = cfg.select_layer if cfg.select_layer >= 0 else cfg.layers + 1 + cfg.select_layer
-        if not 0 <= n <= cfg.layers:
-            raise ValueError(f"select_layer {cfg.select_layer} is out of range for {cfg.layers} layers")
-        self.n_run = n
+        self.n_run = cfg.select_layer if cfg.select_layer >= 0 else cfg.layers + 1 + cfg.select_layer
         self.requires_grad_()  # freezes what never runs (below)
         self.backend = "sdpa"
 
