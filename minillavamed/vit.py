@@ -74,9 +74,8 @@ class VisionTower(nn.Module):
     def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
         """(batch, 3, H, W) -> (batch, num_patches, width): CLIP's patch convolution, row-major patch order.
 
-        A convolution whose stride equals its kernel is one product over the flattened non-overlapping patches.
-        On a CPU that product is faster than oneDNN's convolution: twice as fast for one 64-pixel image, 15-30%
-        for a batch of them or for one 336-pixel image at ViT-L's width.
+        A convolution whose stride equals its kernel is one product over the flattened non-overlapping patches,
+        and a CPU runs that product faster than oneDNN's convolution (bench/RESULTS.md, "Speed choices").
         """
         b, c, height, width = pixels.shape
         p = self.cfg.patch_size
