@@ -109,24 +109,25 @@ def load_assistant(args) -> Assistant:
 
 
 class Streamer:
-    """Prints a reply as it is generated, holding back text that might be the start of a stop string."""
+    """Prints a reply as it is generated: what StopStrings.visible says cannot change any more."""
 
     def __init__(self, assistant: Assistant):
-        self.assistant, self.tokens, self.shown = assistant, [], 0
-        self.hold = max(len(s) for s in assistant.template.stop_strings)
+        self.eos_id, self.stops = assistant.tokenizer.eos_id, assistant.stops()
+        self.tokens, self.shown = [], ""
 
     def __call__(self, tokens: torch.Tensor, active: list[bool]) -> None:
-        if not active[0] or int(tokens[0]) == self.assistant.tokenizer.eos_id:
+        if not active[0] or int(tokens[0]) == self.eos_id:
             return
         self.tokens.append(int(tokens[0]))
-        text = self.assistant.tokenizer.decode(self.tokens).lstrip()  # as the final reply is stripped
-        safe = len(text) - self.hold
-        if safe > self.shown and not any(s in text for s in self.assistant.template.stop_strings):
-            print(text[self.shown:safe], end="", flush=True)
+        if self.stops.reached(self.tokens):
+            return
+        safe = self.stops.visible(self.stops.decode(self.tokens))
+        if len(safe) > len(self.shown):
+            print(safe[len(self.shown):], end="", flush=True)
             self.shown = safe
 
     def finish(self, reply: str) -> None:
-        print(reply[self.shown:], flush=True)  # the reply begins with what was shown: stops were held back
+        print(reply[len(self.shown):], flush=True)  # the reply begins with what was shown
 
 
 def ask(assistant: Assistant, args, question: str, image, history=()) -> str:
