@@ -1,7 +1,7 @@
 """Training throughput of one stage on random data: tokens/s and MFU, for a preset at a chosen size.
 
-Uses the curriculum's choice of what trains per stage (minillavamed/curriculum.py, as train.py does) and the model's own FLOP count (`LlavaMed.flops`, behind
-the MFU train.py logs), so the figure here is the figure a real run reports. The 7B presets fit one H100
+Uses the curriculum's choice of what trains per stage (`curriculum.set_trainable`, as train.py does) and the
+model's own FLOP count (`LlavaMed.flops`, behind the MFU train.py logs), so the figure here is the figure a real run reports. The 7B presets fit one H100
 for stage 1 (only the projector trains); stage 2 trains the whole decoder, so measure it on a depth-reduced model (--layers).
 
     python bench/train_speed.py --preset tiny --stage 2                                       # CPU

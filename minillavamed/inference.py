@@ -3,8 +3,8 @@
 `Assistant` bundles what a question needs besides the weights: the tokenizer, the conversation template
 the model was tuned with, and the image preprocessing it was trained on. `answer()` renders the prompts,
 runs them as one batch through `LlavaMed.generate` (the project's one sampling routine) and cuts each reply
-at the template's stop strings (`LlavaMed`'s `StopStrings`). sample.py, train.py's periodic VQA evaluation and the evaluation CLI all
-answer through here, so they can never disagree on how a prompt is built.
+at the template's stop strings (llava.StopStrings). sample.py, train.py's periodic VQA evaluation and the
+evaluation CLI all answer through here, so they can never disagree on how a prompt is built.
 """
 
 from __future__ import annotations
