@@ -540,25 +540,19 @@ def fill_shards(model: nn.Module, path, vision_tower=None, projector: str = "mlp
     in fp32 (they are small) and sliced."""
     from torch.distributed.tensor import DTensor, Shard
 
-    from minillavamed.llava import LlavaMed
-
     path = Path(path)
     meta, files = _open_checkpoint(path)
-    cfg, sources, fresh = _plan(path, meta, files, vision_tower, projector)
+    _, sources, fresh = _plan(path, meta, files, vision_tower, projector)
     where = {}
     for source, pairs, unused in sources:
         _check_unexpected(source, pairs, unused)
         where.update({ours: (source, theirs) for ours, theirs in pairs})
     initial = {}
-    if fresh:
-        with torch.device("meta"):
-            scratch = LlavaMed(cfg)
-        for prefix in fresh:  # PyTorch's default init, as load_model gives them
-            module = scratch.get_submodule(prefix.rstrip(".")).to_empty(device="cpu")
-            for m in module.modules():
-                if isinstance(m, nn.Linear):
-                    m.reset_parameters()
-            initial.update(module.named_parameters(prefix=prefix.rstrip(".")))
+    for prefix in fresh:  # PyTorch's default init, as load_model gives them: each linear layer built whole
+        for name, m in model.get_submodule(prefix.rstrip(".")).named_modules(prefix=prefix.rstrip(".")):
+            if isinstance(m, nn.Linear):
+                whole = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="cpu")
+                initial.update(whole.named_parameters(prefix=name))
     with torch.no_grad():
         for name, param in model.named_parameters():
             local, start, stop = param, None, None
