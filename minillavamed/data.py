@@ -210,11 +210,6 @@ def conversations_of(record: dict, where: str = "") -> list[dict]:
     return conv
 
 
-def image_positions(vision) -> int:
-    """Decoder positions one image takes: its patches, plus the class token under select_feature="cls_patch"."""
-    return vision.num_patches + (vision.select_feature == "cls_patch")
-
-
 def expanded_length(ids: Sequence[int], num_image_tokens: int) -> int:
     """Positions the sequence takes in the decoder once each sentinel becomes its image patches."""
     return sum(num_image_tokens if i == IMAGE_TOKEN_INDEX else 1 for i in ids)
@@ -322,8 +317,8 @@ def check_data(files: Sequence[str | os.PathLike], image_root: str | os.PathLike
 class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA-Med records (alignment, instruct or VQA) → dict(input_ids, labels, pixel_values).
 
-    `num_image_tokens` is how many decoder positions the model gives one image (256 for CLIP-L/14 at 224,
-    576 at 336); truncation to `max_len` counts them. `dropped` counts the samples left out and why.
+    `num_image_tokens` is how many decoder positions the model gives one image (its VisionConfig's
+    tokens_per_image: 256 for CLIP-L/14 at 224, 576 at 336); truncation to `max_len` counts them. `dropped` counts the samples left out and why.
     `im_start_end` is the model config's mm_use_im_start_end (LLaVA-Med v1's image layout, conversation.py).
     With `skip_bad_images`, an unreadable image makes the item None (collate drops it and counts it in
     the batch's "skipped"); otherwise the error names the file.
@@ -386,8 +381,8 @@ def collate(batch: Sequence[dict | None], pad_id: int, pack: bool = False,
 
     Right padding: input_ids / labels (B, T) padded with pad_id / IGNORE_INDEX, attention_mask (B, T).
     pack=True: one row holding every sample back to back, for the varlen attention kernel, with
-    `cu_seqlens` (int32, B+1) and `position_ids` (1, L) restarting at 0 for each sample, both in decoder
-    positions after each sentinel became `num_image_tokens` patches; `max_seqlen` is the longest sample.
+    `cu_seqlens` (int32, B+1), the sample boundaries in decoder positions after each sentinel became
+    `num_image_tokens` patches (the model restarts positions at each); `max_seqlen` is the longest sample.
     pixel_values: (N, 3, H, W) for the N samples that have an image, in batch order (None if none).
     """
     items = [b for b in batch if b is not None]
@@ -402,7 +397,6 @@ def collate(batch: Sequence[dict | None], pad_id: int, pack: bool = False,
         out["input_ids"] = torch.cat([b["input_ids"] for b in items])[None]
         out["labels"] = torch.cat([b["labels"] for b in items])[None]
         out["cu_seqlens"] = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        out["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None]
         out["max_seqlen"] = max(lengths)
         return out
     longest = max(len(b["input_ids"]) for b in items)

@@ -284,6 +284,28 @@ def test_generation_stops_at_eos_and_stop_strings(pair):
         ours.generate(ids, pixels, mask, stop_strings=["x"])
 
 
+def test_prompt_rows_generate_as_their_padded_batch(pair):
+    _, ours = pair
+    pixels = torch.randn(2, 3, 32, 32)
+    for side in (True, False):  # the padding of a tensor batch is dropped, whichever side it is on
+        ids, mask = pad(PROMPTS, pad_left=side)
+        assert ours.generate(list(PROMPTS), pixels, max_new_tokens=6, eos_id=-1) == \
+            ours.generate(ids, pixels, mask, max_new_tokens=6, eos_id=-1)
+
+
+def test_stop_strings_cut_the_reply_and_hold_back_what_may_change():
+    from minillavamed.llava import StopStrings
+
+    stops = StopStrings(["</s>", "###"], decode=None)
+    assert stops.cut("  a lesion.</s> more ### x") == "a lesion." and stops.cut(" yes \n### Human") == "yes"
+    text = "  the heart is enlarged. ###"
+    shown = [stops.visible(text[:n]) for n in range(len(text) + 1)]
+    assert all(later.startswith(earlier) for earlier, later in zip(shown, shown[1:]))
+    assert shown[-1] == stops.cut(text) == "the heart is enlarged."
+    assert stops.visible("the heart ") == "the he" and stops.visible("the    xyz") == "the"  # 4 held, spaces too
+    assert stops.visible("abc\ufffd\ufffdwxyz") == "abc"  # a character still being spelled in byte pieces
+
+
 def test_sampling_is_seeded_and_respects_top_k_top_p(pair):
     _, ours = pair
     pixels = torch.randn(2, 3, 32, 32)

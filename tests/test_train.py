@@ -209,9 +209,9 @@ def test_cls_patch_images_are_counted_with_their_class_token(world, base):
     ds = train.build_dataset(records, cfg, train.get_template("plain"), tokenizer, processor, model.cfg,
                              world["image_folder"], "alignment")
     items = [ds[i] for i in range(len(ds))]
-    packed = train.collate(items, tokenizer.pad_id, True, train.image_positions(model.cfg.vision))
+    packed = train.collate(items, tokenizer.pad_id, True, model.cfg.vision.tokens_per_image)
     padded = train.collate(items, tokenizer.pad_id)
-    assert train.count_tokens(padded, train.image_positions(model.cfg.vision))[0] + 3 * 17 == packed["cu_seqlens"][-1]
+    assert train.count_tokens(padded, model.cfg.vision.tokens_per_image)[0] + 3 * 17 == packed["cu_seqlens"][-1]
     with torch.no_grad():
         _, loss_packed = model(**train.to_device(packed, "cpu"))
         _, loss_padded = model(**train.to_device(padded, "cpu"))
