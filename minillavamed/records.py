@@ -2,9 +2,10 @@
 
 LLaVA-Med keeps everything as records: figure captions, alignment and instruction conversations, VQA
 questions, answers and reviews, in JSON arrays or in JSON lines. They are all read here, by one reader whose
-errors name the file and the line, and the files a long run appends to (generated conversations, answers)
-are written here, so that a run killed mid-write resumes where it stopped. What a record holds is the
-business of the files that use it (data.py, instruct.py, evaluation.py).
+errors name the file and the line. The files a long run appends to (generate_data.py's conversations and
+failures, sample.py's answers) are read back by `read_jsonl_resume`, so that a run killed mid-write resumes
+where it stopped. What a record holds is the business of the files that use it (data.py, evaluation.py,
+judge.py, generate_data.py, sample.py).
 """
 
 from __future__ import annotations
