@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 
 from minillavamed import LlavaMed
 from minillavamed.attention import require_triton
-from minillavamed.checkpoint import CheckpointError, check_vocab, read_config, save_state
+from minillavamed.checkpoint import CheckpointError, check_vocab, fill_shards, read_config, save_state
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset
 from minillavamed.conversation import get_template, render
 from minillavamed.data import (ConversationDataset, DataError, DataReport, ImageProcessor, check_data, collate,
@@ -664,9 +664,14 @@ def model_config(cfg: TrainConfig, d: Dist, data: Data, source: Path | None, out
 
 
 def build_model(cfg: TrainConfig, mcfg, source: Path | None) -> LlavaMed:
-    """A random model of `mcfg` (stage 0 from scratch), or the checkpoint the stage starts from."""
+    """A random model of `mcfg` (stage 0 from scratch), the checkpoint the stage starts from, or under --fsdp
+    that checkpoint's model on the meta device, for parallelize() to shard and each process to fill its shards
+    of: frozen parts bf16 under bf16, what trains fp32 (the optimizer's master copy)."""
     if source is None:
         model = LlavaMed(mcfg)
+    elif cfg.fsdp:
+        with torch.device("meta"):
+            model = LlavaMed(mcfg)
     else:
         # Read tensor by tensor straight onto the device in the training dtype (a 7B model in bf16 is 15 GB
         # on each GPU and never whole on the host); parallelize() then makes what trains fp32.
@@ -677,6 +682,10 @@ def build_model(cfg: TrainConfig, mcfg, source: Path | None) -> LlavaMed:
     model.set_attention_backend(cfg.attn)
     model.decoder.checkpointing = cfg.grad_ckpt
     set_trainable(model, cfg.stage)
+    if cfg.fsdp and source is not None and cfg.dtype == "bfloat16":
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)  # on the meta device: sets the dtype fill_shards reads in
     return model
 
 
@@ -730,22 +739,23 @@ def parallelize(model: LlavaMed, cfg: TrainConfig, d: Dist, device: torch.device
     """(the module the loop calls, the trainable parameters): FSDP2 shards per decoder block and the vision
     tower as one unit, DDP replicates, one process runs the model as it is. Under bf16, FSDP gathers
     parameters in bf16 and reduces gradients in fp32 into the fp32 shards of what trains."""
-    model.to(device)  # stage 0's model from scratch; a loaded one is there already
     if cfg.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if cfg.dtype == "bfloat16" else MixedPrecisionPolicy())
-        # Block by block, so that no GPU ever holds more than one block of fp32 master weights whole.
-        for i, block in enumerate(model.decoder.blocks):
-            master_weights(block, f"decoder.blocks.{i}", source, device)
+        if source is None:
+            model.to(device)  # stage 0's model from scratch
+        for block in model.decoder.blocks:
             fully_shard(block, mp_policy=mp)
-        master_weights(model.vision, "vision", source, device)
         fully_shard(model.vision, mp_policy=mp)
-        master_weights(model, "", source, device)
         fully_shard(model, mp_policy=mp)
-        wrapped = model
-    elif d.world > 1:
+        if source is not None:  # sharded on the meta device: each process reads only its own shards
+            model.to_empty(device=device)
+            fill_shards(model, source, vision_tower=cfg.vision_tower or None)
+        return model, [p for p in model.parameters() if p.requires_grad]  # FSDP swapped in sharded parameters
+    model.to(device)  # stage 0's model from scratch; a loaded one is there already
+    if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         master_weights(model, "", source, device)
@@ -755,7 +765,7 @@ def parallelize(model: LlavaMed, cfg: TrainConfig, d: Dist, device: torch.device
     else:
         master_weights(model, "", source, device)
         wrapped = model
-    return wrapped, [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP swaps parameters
+    return wrapped, [p for p in model.parameters() if p.requires_grad]
 
 
 def make_optimizer(trainable: list, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

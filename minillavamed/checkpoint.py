@@ -72,6 +72,27 @@ class WeightFiles:
         return self.where.keys()
 
     def get(self, key: str) -> torch.Tensor:
+        return self.rows(key, None, None)
+
+    def rows(self, key: str, start: int | None, stop: int | None) -> torch.Tensor:
+        """Rows start:stop of a tensor (dim 0; None, None: all of it); from safetensors only those are read."""
+        handle = self._handle(key)
+        try:
+            if isinstance(handle, dict):
+                return handle[key] if start is None and stop is None else handle[key][start:stop]
+            return handle.get_tensor(key) if start is None and stop is None else handle.get_slice(key)[start:stop]
+        except (SafetensorError, KeyError) as e:
+            raise CheckpointError(f"{self.where[key]}: cannot read tensor {key!r} ({e})") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file's header (nothing is read)."""
+        handle = self._handle(key)
+        try:
+            return tuple(handle[key].shape if isinstance(handle, dict) else handle.get_slice(key).get_shape())
+        except (SafetensorError, KeyError) as e:
+            raise CheckpointError(f"{self.where[key]}: cannot read tensor {key!r} ({e})") from None
+
+    def _handle(self, key: str):
         file = self.where[key]
         if file not in self._handles:
             if not file.exists():
@@ -81,10 +102,7 @@ class WeightFiles:
         if len(self._handles) > 1:
             # One shard mapped at a time: the pages read from a closed shard leave the process's resident set.
             self._handles = {file: handle}
-        try:
-            return handle[key] if isinstance(handle, dict) else handle.get_tensor(key)
-        except (SafetensorError, KeyError) as e:
-            raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e})") from None
+        return handle
 
 
 def _read_json(path: Path) -> dict:
@@ -462,10 +480,7 @@ def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, devic
     if model.cfg.decoder.tie_embeddings:
         wanted.discard("decoder.lm_head.weight")
     for files, pairs, unused in sources:
-        mapped = {key for _, theirs in pairs for key in their_keys(theirs)}
-        for key in files.keys():
-            if key not in mapped and not key.endswith(IGNORABLE) and not key.startswith(unused):
-                raise CheckpointError(f"{files.where[key]}: unexpected key {key!r}")
+        _check_unexpected(files, pairs, unused)
         for ours, theirs in pairs:
             shape = tuple(params[ours].shape)
             parts = (zip(theirs.keys, ((rows, *shape[1:]) for rows in theirs.rows)) if isinstance(theirs, Joined)
@@ -501,6 +516,79 @@ def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, devic
         replace_module(model, owner, QuantizedLinear.from_linear(model.get_submodule(owner), quantize))
     if quantize is not None:
         model.quantization = quantize
+
+
+def _check_unexpected(files: WeightFiles, pairs, unused: tuple[str, ...]) -> None:
+    mapped = {key for _, theirs in pairs for key in their_keys(theirs)}
+    for key in files.keys():
+        if key not in mapped and not key.endswith(IGNORABLE) and not key.startswith(unused):
+            raise CheckpointError(f"{files.where[key]}: unexpected key {key!r}")
+
+
+def fill_shards(model: nn.Module, path, vision_tower=None, projector: str = "mlp2x_gelu") -> None:
+    """Fill a model built on the meta device from `path` (any layout load_model reads) after FSDP2's
+    fully_shard and to_empty: each process reads from the memory-mapped checkpoint only the rows of its own
+    dim-0 shard of each parameter, tensor by tensor, cast to that parameter's dtype, so that no process ever
+    holds a whole model. Fresh parts (the projector of a bare LLM + CLIP) are initialised whole on the host
+    in fp32 (they are small) and sliced."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from minillavamed.llava import LlavaMed
+
+    path = Path(path)
+    meta, files = _open_checkpoint(path)
+    cfg, sources, fresh = _plan(path, meta, files, vision_tower, projector)
+    where = {}
+    for source, pairs, unused in sources:
+        _check_unexpected(source, pairs, unused)
+        where.update({ours: (source, theirs) for ours, theirs in pairs})
+    initial = {}
+    if fresh:
+        with torch.device("meta"):
+            scratch = LlavaMed(cfg)
+        for prefix in fresh:  # PyTorch's default init, as load_model gives them
+            module = scratch.get_submodule(prefix.rstrip(".")).to_empty(device="cpu")
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    m.reset_parameters()
+            initial.update(module.named_parameters(prefix=prefix.rstrip(".")))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local, start, stop = param, None, None
+            if isinstance(param, DTensor):
+                if param.placements != (Shard(0),):
+                    raise ValueError(f"{name}: placements {param.placements}; fill_shards reads dim-0 shards only")
+                rows, world = param.shape[0], param.device_mesh.size()
+                size = -(-rows // world)  # torch.chunk's split, as FSDP2 shards
+                start = min(param.device_mesh.get_local_rank() * size, rows)
+                stop = min(start + size, rows)
+                local = param.to_local()
+            if name in initial:
+                local.copy_(initial[name][start:stop].to(local.dtype))
+                continue
+            if name not in where:
+                raise CheckpointError(f"{path}: no tensor found for {name}")
+            source, theirs = where[name]
+            shape = tuple(param.shape)
+            whole = [(theirs, shape[0] if shape else 0)]
+            parts = zip(theirs.keys, theirs.rows) if isinstance(theirs, Joined) else whole
+            pieces, offset = [], 0
+            for key, n in parts:
+                expected = (n, *shape[1:]) if shape else ()
+                if key not in source.where:
+                    raise CheckpointError(f"{source.dir}: missing key {key!r} (for {name})")
+                if source.shape(key) != expected:
+                    raise CheckpointError(f"{source.where[key]}: key {key!r} has shape {source.shape(key)}, "
+                                          f"the model expects {expected}")
+                if start is None:
+                    pieces.append(source.get(key))
+                elif max(start, offset) < min(stop, offset + n):  # this part holds some of the shard's rows
+                    pieces.append(source.rows(key, max(start, offset) - offset, min(stop, offset + n) - offset))
+                offset += n
+            tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else local.new_empty(local.shape)
+            if tuple(tensor.shape) != tuple(local.shape):
+                raise RuntimeError(f"{name}: read {tuple(tensor.shape)} for a local shard of {tuple(local.shape)}")
+            local.copy_(tensor.to(local.dtype))
 
 
 def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
