@@ -24,7 +24,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minillavamed.config import DecoderConfig, LlavaConfig, ProjectorConfig, VisionConfig
@@ -63,10 +62,7 @@ class WeightFiles:
         if file.suffix == ".bin":
             # Older CLIP/LLaMA repos ship pickles; weights_only refuses anything but tensors.
             return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        try:
-            return safe_open(file, framework="pt")
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        return SafetensorsFile(file)
 
     def keys(self):
         return self.where.keys()
@@ -80,17 +76,17 @@ class WeightFiles:
         try:
             if isinstance(handle, dict):
                 return handle[key] if start is None and stop is None else handle[key][start:stop]
-            return handle.get_tensor(key) if start is None and stop is None else handle.get_slice(key)[start:stop]
-        except (SafetensorError, KeyError) as e:
-            raise CheckpointError(f"{self.where[key]}: cannot read tensor {key!r} ({e})") from None
+            return handle.rows(key, start, stop)
+        except KeyError:
+            raise CheckpointError(f"{self.where[key]}: no tensor {key!r} in the file its index names") from None
 
     def shape(self, key: str) -> tuple[int, ...]:
         """The tensor's shape, from the file's header (nothing is read)."""
         handle = self._handle(key)
         try:
-            return tuple(handle[key].shape if isinstance(handle, dict) else handle.get_slice(key).get_shape())
-        except (SafetensorError, KeyError) as e:
-            raise CheckpointError(f"{self.where[key]}: cannot read tensor {key!r} ({e})") from None
+            return tuple(handle[key].shape if isinstance(handle, dict) else handle.shape(key))
+        except KeyError:
+            raise CheckpointError(f"{self.where[key]}: no tensor {key!r} in the file its index names") from None
 
     def _handle(self, key: str):
         file = self.where[key]
@@ -100,9 +96,73 @@ class WeightFiles:
             self._handles[file] = self._open(file)
         handle = self._handles[file]
         if len(self._handles) > 1:
-            # One shard mapped at a time: the pages read from a closed shard leave the process's resident set.
+            # One pickle shard mapped at a time: the pages read from a closed shard leave the resident set.
             self._handles = {file: handle}
         return handle
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """One .safetensors file, each tensor read with a plain file read into memory of its own.
+
+    Not memory-mapped on purpose: a mapped file keeps every page read from it in the process's resident set
+    for as long as any tensor of the file lives (a norm weight is enough), so a load that quantises or casts
+    each weight would hold the whole float checkpoint besides its result (bench/RESULTS.md measured
+    RssFile). A tensor read here is freed with its last reference, and the page cache is not resident memory.
+    """
+
+    def __init__(self, file: Path):
+        self.file = file
+        try:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n <= 100_000_000:  # safetensors' own header limit
+                    raise ValueError(f"header length {n}")
+                header = json.loads(f.read(n))
+            size = file.stat().st_size
+            header.pop("__metadata__", None)
+            self.base, self.tensors = 8 + n, {}
+            for key, info in header.items():
+                dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+                numel = 1
+                for d in shape:
+                    numel *= d
+                if end - begin != numel * dtype.itemsize or self.base + end > size:
+                    raise ValueError(f"tensor {key!r} at bytes {begin}..{end} does not fit its shape or the file")
+                self.tensors[key] = (dtype, tuple(shape), begin, end)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.tensors[key][1]
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.rows(key, None, None)
+
+    def rows(self, key: str, start: int | None, stop: int | None) -> torch.Tensor:
+        """Rows start:stop of dim 0 (None, None: the whole tensor): a row-major tensor's rows are one run of
+        bytes, so an FSDP rank reads only its own shard."""
+        dtype, shape, begin, end = self.tensors[key]
+        if start is not None or stop is not None:
+            start, stop, _ = slice(start, stop).indices(shape[0])
+            stop = max(start, stop)
+            row = (end - begin) // shape[0] if shape[0] else 0
+            begin, end, shape = begin + start * row, begin + stop * row, (stop - start, *shape[1:])
+        data = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.file, "rb") as f:
+            f.seek(self.base + begin)
+            got = f.readinto(memoryview(data.numpy()))
+        if got != end - begin:
+            raise CheckpointError(f"{self.file}: cannot read tensor {key!r} (the file ends early)")
+        return data.view(dtype).view(shape)
 
 
 def _read_json(path: Path) -> dict:

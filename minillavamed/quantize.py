@@ -31,6 +31,9 @@ GROUP_SIZES = (32, 64, 128)
 # Rows (batch x positions) above which the dequantised dense product beats the weight-only kernels.
 DENSE_ROWS = 16
 INT4_BLOCK_N = 64  # output rows per block of the CPU int4 kernel's packed layout
+# Output rows quantised per pass (a multiple of INT4_BLOCK_N): the fp32 temporaries of one pass over a 7B
+# layer's 28672 rows would be 0.5 GB each, more than the int4 layer itself.
+ROWS_PER_PASS = 2048
 
 
 @dataclass(frozen=True)
@@ -66,9 +69,10 @@ def _ceil_to(n: int, multiple: int) -> int:
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float -> int8 weights and fp32 scales (out,): symmetric, one scale per output row."""
-    w = w.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-    return (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8), scales
+    # In place on one fp32 copy: each temporary of a quantised load's pass adds to its peak memory.
+    w = w.to(torch.float32, copy=True)
+    scales = torch.linalg.vector_norm(w, ord=float("inf"), dim=1).clamp_(min=1e-8).div_(127)  # max |w| per row
+    return w.div_(scales[:, None]).round_().clamp_(-127, 127).to(torch.int8), scales
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,11 +82,11 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     (q - 8) * scale + zero, so zero is the value of q = 8.
     """
     out, inp = w.shape
-    g = w.float().reshape(out, inp // group, group)
+    g = w.to(torch.float32, copy=True).reshape(out, inp // group, group)
     lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-    scales = (hi - lo).clamp(min=1e-8) / 15
-    q = ((g - lo) / scales).round().clamp(0, 15).to(torch.int32).reshape(out, inp)
+    scales = (hi - lo).clamp_(min=1e-8).div_(15)
     zeros = lo + 8 * scales
+    q = g.sub_(lo).div_(scales).round_().clamp_(0, 15).to(torch.int32).reshape(out, inp)
     return q, torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()
 
 
@@ -124,14 +128,21 @@ class QuantizedLinear(nn.Module):
         if w.device.type != "cpu":
             raise ValueError(f"weight-only {cfg.mode} uses torch's CPU kernels; the model is on {w.device}")
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, cfg, w.dtype, w.device)
+        out = linear.out_features
         if cfg.mode == "int8":
-            qweight, scales = quantize_int8(w)
-            q.qweight.copy_(qweight)
+            for r in range(0, out, ROWS_PER_PASS):
+                qweight, scales = quantize_int8(w[r:r + ROWS_PER_PASS])
+                q.qweight[r:r + ROWS_PER_PASS] = qweight
+                q.scales[r:r + ROWS_PER_PASS] = scales
         else:
-            padded = F.pad(w.float(), (0, q.padded_in - q.in_features, 0, q.padded_out - q.out_features))
-            values, scales = quantize_int4(padded, cfg.group_size)
-            q.qweight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1))
-        q.scales.copy_(scales)
+            # Blocks of 64 output rows are packed independently, so packing a pass's rows gives those rows.
+            for r in range(0, q.padded_out, ROWS_PER_PASS):
+                n = min(ROWS_PER_PASS, q.padded_out - r)
+                real = w[r:r + n]  # short (or empty) where the pass reaches the padding past out_features
+                rows = F.pad(real, (0, q.padded_in - q.in_features, 0, n - real.shape[0]))
+                values, scales = quantize_int4(rows, cfg.group_size)
+                q.qweight[r:r + n] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+                q.scales[:, r:r + n] = scales
         if linear.bias is not None:
             q.bias.copy_(linear.bias)
         return q
