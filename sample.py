@@ -27,7 +27,7 @@ from minillavamed.checkpoint import CheckpointError
 from minillavamed.conversation import TEMPLATES
 from minillavamed.data import ImageLoadError, load_image, located_records, questions_from_vqa, record_problem
 from minillavamed.inference import Assistant, answer_questions, default_dtype, device_arg
-from minillavamed.instruct import read_jsonl_resume
+from minillavamed.records import read_jsonl_resume
 
 DEFAULT_MODEL = Path("out/tiny/stage2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

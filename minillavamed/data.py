@@ -32,6 +32,7 @@ from PIL import Image
 
 from .config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .conversation import IMAGE, Template, tokenize_conversation
+from .records import load_records, located_records
 from .tokenizer import Tokenizer
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -139,35 +140,6 @@ class ImageProcessor:
 
 
 # ---------------------------------------------------------------------------------------------- records
-
-def load_records(path: str | os.PathLike) -> list[dict]:
-    """A JSON array or a JSON-lines file of records, read unmodified; errors name the file and line."""
-    return [r for _, r in located_records(path)]
-
-
-def located_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
-    """(where, record) pairs: `file:line` for JSON lines, `file[index]` for a JSON array."""
-    path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            numbered = [(f"{path}[{k}]", r) for k, r in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {e.lineno}: malformed JSON: {e.msg}") from None
-    else:
-        numbered = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    numbered.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: malformed JSON: {e.msg}") from None
-    for k, (where, r) in enumerate(numbered):
-        if not isinstance(r, dict):
-            raise ValueError(f"{where}: record {k} is not a JSON object")
-    return numbered
-
 
 def record_problem(record: dict) -> str | None:
     """What is wrong with a record's shape, or None: what the dataset would otherwise train on silently
@@ -412,16 +384,6 @@ def collate(batch: Sequence[dict | None], pad_id: int, pack: bool = False,
 
 # ------------------------------------------------------------------------------------------------- VQA
 
-def load_questions(path: str | os.PathLike) -> list[dict]:
-    """A question file for answering: JSON lines {"question_id", "image", "text", "answer_type"?}."""
-    questions = load_records(path)
-    for n, q in enumerate(questions, 1):
-        missing = [k for k in ("question_id", "text") if k not in q]
-        if missing:
-            raise ValueError(f"{os.fspath(path)}: question {n} lacks {missing}")
-    return questions
-
-
 def questions_from_vqa(records: Sequence[dict]) -> list[dict]:
     """Our VQA records → question dicts for answering, with the reference answer kept as "answer"."""
     out = []
@@ -449,22 +411,29 @@ def vqa_record(qid: str, image: str, question: str, answer: str, answer_type: st
             "answer_type": answer_type}
 
 
-def convert_vqa_rad(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[str, str]:
-    """The official VQA-RAD release → `out_dir/{train,test}.json` in our VQA format (images stay in
-    `src_dir/images`). Test = phrase_type test_freeform or test_para; the rest is training."""
-    src = os.path.join(os.fspath(src_dir), VQA_RAD_FILE)
+def vqa_rad_splits(entries: Sequence[dict], source: str) -> dict[str, list[dict]]:
+    """The entries of the VQA-RAD release (`VQA_RAD_FILE`) as our VQA records, split the official way:
+    test = phrase_type test_freeform or test_para, the rest is training. `source` names the file in errors."""
     splits: dict[str, list[dict]] = {"train": [], "test": []}
-    for k, e in enumerate(load_records(src)):
+    for k, e in enumerate(entries):
         missing = [f for f in ("qid", "image_name", "question", "answer", "answer_type", "phrase_type")
                    if f not in e]
         if missing:
-            raise ValueError(f"{src}: entry {k} lacks {missing}")
+            raise ValueError(f"{source}: entry {k} lacks {missing}")
         answer_type = e["answer_type"].strip().upper()  # two entries say "CLOSED " with a space
         if answer_type not in ("OPEN", "CLOSED"):
-            raise ValueError(f"{src}: entry {k} has answer_type {e['answer_type']!r}")
+            raise ValueError(f"{source}: entry {k} has answer_type {e['answer_type']!r}")
         split = "test" if e["phrase_type"] in VQA_RAD_TEST_PHRASES else "train"
         splits[split].append(vqa_record(str(e["qid"]), e["image_name"], e["question"].strip(),
                                         str(e["answer"]).strip(), answer_type))
+    return splits
+
+
+def convert_vqa_rad(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[str, str]:
+    """The official VQA-RAD release → `out_dir/{train,test}.json` in our VQA format (images stay in
+    `src_dir/images`), split by `vqa_rad_splits`."""
+    src = os.path.join(os.fspath(src_dir), VQA_RAD_FILE)
+    splits = vqa_rad_splits(load_records(src), src)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for name, records in splits.items():

@@ -215,10 +215,10 @@ def test_alignment_mode_needs_no_api(tmp_path):
 
 @pytest.mark.parametrize("lines,message", [
     (['{"pair_id": "a", "image": "a.jpg", "fig_caption": "x"}', '{"pair_id": "b", "image": "b.jpg"}'],
-     "in.jsonl: line 2: missing or empty 'fig_caption'"),
+     "in.jsonl:2: missing or empty 'fig_caption'"),
     (['{"pair_id": "a", "image": "a.jpg", "fig_caption": "x"}', '{"pair_id": "a", "image": "a.jpg", "fig_caption": "y"}'],
-     "in.jsonl: line 2: duplicate pair_id 'a'"),
-    (['{"pair_id": "a", "image": "a.jpg", "fig_caption": "x"}', '{"pair_id": '], "in.jsonl: line 2: not valid JSON"),
+     "in.jsonl:2: duplicate pair_id 'a'"),
+    (['{"pair_id": "a", "image": "a.jpg", "fig_caption": "x"}', '{"pair_id": '], "in.jsonl:2: not valid JSON"),
 ])
 def test_bad_input_names_file_and_line(tmp_path, lines, message):
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")

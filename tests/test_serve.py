@@ -21,7 +21,7 @@ from PIL import Image
 
 import hf_oracle as hf
 import sample
-from minillavamed import evaluation
+from minillavamed import judge as judge_eval
 from minillavamed.inference import Assistant
 from minillavamed.serve import Server, ServeConfig, access_warning
 
@@ -325,15 +325,15 @@ def test_judge_runs_against_the_server(tmp_path, assistant, server, monkeypatch)
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"question_id": q["question_id"], "text": "an opacity."})
                                               + "\n" for q in questions))
     monkeypatch.setenv("OPENAI_API_KEY", "unused")
-    assert evaluation.main(["judge", "--questions", str(tmp_path / "q.jsonl"), "--answers", str(tmp_path / "a.jsonl"),
+    assert judge_eval.main(["--questions", str(tmp_path / "q.jsonl"), "--answers", str(tmp_path / "a.jsonl"),
                             "--model", NAME, "--base_url", server.url, "--max_retries", "0", "--backoff_base", "0",
                             "--reviews", str(tmp_path / "reviews.jsonl")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "reviews.jsonl").read_text().splitlines()]
     judge = dataclasses.replace(assistant, template=dataclasses.replace(assistant.template,
-                                                                        system=evaluation.JUDGE_SYSTEM))
+                                                                        system=judge_eval.JUDGE_SYSTEM))
     for q, row in zip(questions, rows):
-        body = evaluation.judge_messages(q, q["gpt4_answer"], "an opacity.")[1]["content"]
-        room = CONTEXT - len(assistant.prompt_ids(body, False, system=evaluation.JUDGE_SYSTEM))
+        body = judge_eval.judge_messages(q, q["gpt4_answer"], "an opacity.")[1]["content"]
+        room = CONTEXT - len(assistant.prompt_ids(body, False, system=judge_eval.JUDGE_SYSTEM))
         reply = judge.answer([body], [None], max_new_tokens=min(1024, room))[0]
         first = next((line for line in reply.splitlines() if line.strip()), "")
         expected = f"got {first[:80]!r}" if reply.strip() else "empty message content"
