@@ -63,9 +63,35 @@ def test_stage_zero_writes_the_contract_files(base):
     assert (base / "tokenizer.model").exists()
     row = json.loads((base / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"iter", "loss", "lr", "tokens_per_s"} <= set(row) and row["iter"] == 10
+    # Regression pin, as the losses above: ten steps from scratch answer none of the 4 questions right.
     result = json.loads((base / "eval.json").read_text())
-    assert 0 <= result["closed_accuracy"] <= 1 and 0 <= result["open_recall"] <= 1
+    assert (result["iter"], result["n_questions"], result["closed_accuracy"], result["open_recall"]) == (10, 4, 0.0, 0.0)
+    torch.testing.assert_close(result["val_loss"], 3.670178, rtol=0, atol=1e-4)
     assert [p.name for p in sorted((base / "checkpoints").glob("step-*"))] == ["step-0000009", "step-0000010"]
+
+
+def test_eval_json_scores_the_answers_to_the_first_eval_questions(world, tmp_path, monkeypatch):
+    """The evaluation asks the first --eval_questions questions and scores the replies the paper's way:
+    here the replies are given, so the scores are known (generation itself is pinned above)."""
+    gt = json.loads(Path(world["vqa_test"]).read_text())[:4]
+    assert [(r["answer_type"], r["conversations"][1]["value"]) for r in gt] == [
+        ("OPEN", "chest x-ray"), ("CLOSED", "no"), ("CLOSED", "yes"), ("CLOSED", "no")]
+    replies = dict(zip([r["id"] for r in gt], ["chest x-ray", "no", "no, it is not", "no"]))
+    asked = []
+
+    def answer_questions(assistant, questions, image_root, **kw):
+        asked.extend(q["question_id"] for q in questions)
+        return [replies[q["question_id"]] for q in questions]
+
+    monkeypatch.setattr(train, "answer_questions", answer_questions)
+    out = tmp_path / "out"
+    assert train.main(args(world, 0, out, "--max_iters", "1")) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert asked == list(replies)
+    # Closed: 2 of 3 right (a percentage divided by 100: equal to 2/3 to the last bit or two); open: every
+    # word of "chest x-ray" recalled.
+    assert (result["n_questions"], result["open_recall"]) == (4, 1.0)
+    assert result["closed_accuracy"] == pytest.approx(2 / 3, rel=1e-12)
 
 
 @pytest.mark.parametrize("stage, trains", [(1, {"projector"}), (2, {"projector", "decoder"}),
