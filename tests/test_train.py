@@ -5,6 +5,7 @@ and the pinned first losses of a seeded tiny run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -113,6 +114,51 @@ def test_stage_zero_trains_everything_but_the_unused_vision_layers(world, base):
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "vision.blocks.0.fc1.weight" in names and "decoder.embed.weight" in names
     assert f"vision.blocks.{fresh.vision.n_run}.fc1.weight" not in names and "vision.post_norm.weight" not in names
+
+
+def schedule(total: int, **cfg) -> list[float]:
+    """train.lr_at at every iteration of a run of `total` steps, one past the end included."""
+    c = train.TrainConfig(**{"lr": 1e-3, **cfg})
+    return [train.lr_at(it, c, total) for it in range(total + 1)]
+
+
+def test_lr_warms_up_linearly_then_decays_by_a_cosine_to_the_floor():
+    # 10 steps, warmup 20% = 2 steps, floor 10% of the peak: lr/2, then the peak at the last warmup step and
+    # at the first cosine step; the cosine is at progress (it - 2) / 8, so half way (0.1 + 0.9 / 2) at it 6;
+    # the last step (it 9, progress 7/8) is still above the floor, which only it 10 (the end) reaches.
+    got = schedule(10, warmup_ratio=0.2, min_lr_ratio=0.1)
+    cos = [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(9)]
+    expected = [5e-4, 1e-3] + [1e-3 * (0.1 + 0.9 * c) for c in cos]
+    assert expected[2] == 1e-3 and expected[6] == pytest.approx(5.5e-4) and expected[10] == pytest.approx(1e-4)
+    assert expected[9] == pytest.approx(1.3425421e-4)
+    assert got == pytest.approx(expected, rel=1e-12)
+    # The default: 3% of 100 steps is 3 warmup steps, the floor is 0.
+    default = schedule(100)
+    assert default[:4] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3], rel=1e-12)
+    assert default[100] == pytest.approx(0.0, abs=1e-18)
+
+
+def test_lr_edge_cases_zero_warmup_one_step_and_all_warmup():
+    # No warmup: the first step is at the peak, and the cosine starts at once (progress it / 4).
+    assert schedule(4, warmup_ratio=0.0) == pytest.approx([1e-3, 8.5355339e-4, 5e-4, 1.4644661e-4, 0.0], abs=1e-11)
+    # One step: warmup rounds up to the whole step, which runs at the peak (never at 0); so does it without warmup.
+    assert schedule(1)[0] == schedule(1, warmup_ratio=0.0)[0] == 1e-3
+    # All warmup: a linear ramp to the peak at the last step, no decay.
+    assert schedule(4, warmup_ratio=1.0)[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3], rel=1e-12)
+
+
+def test_lr_decay_is_transformers_cosine_with_min_lr_and_warmup_one_step_ahead():
+    """LLaVA trains with transformers' cosine schedule (warmup steps = ceil(ratio x steps)). After the warmup
+    lr_at is that schedule; in the warmup it is one step ahead: transformers' first step has lr 0."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    total, warmup = 10, 2
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    hf = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=0.1).lr_lambdas[0]
+    ours = schedule(total, warmup_ratio=0.2, min_lr_ratio=0.1)
+    assert ours[warmup:] == pytest.approx([1e-3 * hf(it) for it in range(warmup, total + 1)], rel=1e-12)
+    assert ours[:warmup] == pytest.approx([1e-3 * hf(it + 1) for it in range(warmup)], rel=1e-12)
+    assert hf(0) == 0.0
 
 
 def test_resume_is_exact(world, base, tmp_path):
