@@ -57,12 +57,14 @@ def base(world, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_first_losses_of_a_seeded_tiny_run_are_pinned(base):
     # Regression pin: stage 0 from scratch on SMALL_WORLD, seed 5. A change here means the numbers moved.
     expected = [6.362814, 5.716187, 4.967698, 4.591192, 4.278386, 4.081859, 3.874258, 3.78825, 3.756693, 3.655534]
     torch.testing.assert_close(losses(base), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_stage_zero_writes_the_contract_files(base):
     assert LlavaMed.from_pretrained(base).cfg.conv_template == "mistral_instruct"
     assert (base / "tokenizer.model").exists()
@@ -90,7 +92,7 @@ def test_eval_json_scores_the_answers_to_the_first_eval_questions(world, tmp_pat
 
     monkeypatch.setattr(train, "answer_questions", answer_questions)
     out = tmp_path / "out"
-    assert train.main(args(world, 0, out, "--max_iters", "1")) == 0
+    assert train.main(args(world, 0, out, "--max_iters", "1", "--global_batch", "4")) == 0
     result = json.loads((out / "eval.json").read_text())
     assert asked == list(replies)
     # Closed: 2 of 3 right (a percentage divided by 100: equal to 2/3 to the last bit or two); open: every
@@ -99,6 +101,7 @@ def test_eval_json_scores_the_answers_to_the_first_eval_questions(world, tmp_pat
     assert result["closed_accuracy"] == pytest.approx(2 / 3, rel=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, trains", [(1, {"projector"}), (2, {"projector", "decoder"}),
                                            (3, {"projector", "decoder"})])
 def test_what_trains_in_each_stage(world, base, tmp_path, stage, trains):
@@ -111,6 +114,7 @@ def test_what_trains_in_each_stage(world, base, tmp_path, stage, trains):
         assert torch.equal(old, after[key]) != trained, f"{key}: trained={trained} expected in stage {stage}"
 
 
+@pytest.mark.slow
 def test_stage_zero_trains_everything_but_the_unused_vision_layers(world, base):
     fresh = LlavaMed.from_pretrained(base)
     model = LlavaMed.from_pretrained(base)
@@ -165,6 +169,7 @@ def test_lr_decay_is_transformers_cosine_with_min_lr_and_warmup_one_step_ahead()
     assert hf(0) == 0.0
 
 
+@pytest.mark.slow
 def test_resume_is_exact(world, base, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ("--init_from", str(base), "--eval_questions", "1", "--ckpt_interval", "3", "--max_iters", "6")
@@ -180,6 +185,7 @@ def test_resume_is_exact(world, base, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_killed_save_leaves_the_previous_checkpoint(world, base, tmp_path, monkeypatch):
     out = tmp_path / "out"
     common = ("--init_from", str(base), "--eval_questions", "1")
@@ -198,6 +204,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint(world, base, tmp_path, mon
     assert train.main(args(world, 2, out, *common, "--max_iters", "6", "--resume")) == 0  # the temp dir is redone
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run(world, base, tmp_path, capsys):
     out = tmp_path / "out"
     rc = train.main(args(world, 2, out, "--init_from", str(base), "--max_iters", "4", "--lr", "1e30",
@@ -208,6 +215,7 @@ def test_a_non_finite_loss_stops_the_run(world, base, tmp_path, capsys):
     LlavaMed.from_pretrained(out)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits(world, base, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "train.py", *args(world, 2, out, "--init_from", str(base), "--max_iters", "400",
@@ -247,6 +255,7 @@ def one_process(world, base, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(world, base, one_process, tmp_path):
     one, two = one_process, tmp_path / "two"
     torchrun(2, stage2_args(world, base, two), ROOT)
@@ -260,6 +269,7 @@ def test_two_processes_match_one(world, base, one_process, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_over_two_processes_matches_one(world, base, one_process, tmp_path):
     one, out = one_process, tmp_path / "fsdp"
     torchrun(2, stage2_args(world, base, out, "--fsdp"), ROOT)
@@ -297,6 +307,7 @@ def norms(out: Path) -> list[float]:
     return [r["grad_norm"] for r in rows(out)]
 
 
+@pytest.mark.slow
 def test_grad_ckpt_recomputes_every_block_and_trains_the_same(world, base, tmp_path, monkeypatch):
     from minillavamed import decoder
 
@@ -317,6 +328,7 @@ def test_grad_ckpt_recomputes_every_block_and_trains_the_same(world, base, tmp_p
     torch.testing.assert_close(norms(out), norms(base)[:3], rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_packed_rows_train_on_the_same_tokens_with_the_same_losses(world, base, tmp_path, monkeypatch):
     counted = []
     real = train.collate
@@ -370,6 +382,7 @@ def test_compiled_model_trains_as_the_eager_one(world, tmp_path, monkeypatch):
     torch.testing.assert_close(val[0], val[1], rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 def test_bad_arguments_fail_clearly(world, base, tmp_path):
     with pytest.raises(SystemExit, match="not a multiple"):
         train.main(args(world, 2, tmp_path, "--init_from", str(base), "--global_batch", "6"))
@@ -379,12 +392,14 @@ def test_bad_arguments_fail_clearly(world, base, tmp_path):
         train.main(["--stage", "7"])
 
 
+@pytest.mark.slow
 def test_stage_zero_saves_the_template_it_trained_with(world, tmp_path):
     out = tmp_path / "out"
     assert train.main(args(world, 0, out, "--max_iters", "1", "--eval_questions", "1", "--conv", "vicuna_v1")) == 0
     assert LlavaMed.from_pretrained(out).cfg.conv_template == "vicuna_v1"
 
 
+@pytest.mark.slow
 def test_cls_patch_images_are_counted_with_their_class_token(world, base):
     # Under select_feature="cls_patch" an image is num_patches + 1 decoder positions: packing must count
     # them all, or cu_seqlens no longer covers the spliced row.
@@ -406,6 +421,7 @@ def test_cls_patch_images_are_counted_with_their_class_token(world, base):
     torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, images", [(0, 3), (0, 0), (1, 3), (2, 3)])
 def test_model_flops_are_what_the_flop_counter_counts(stage, images):
     from torch.utils.flop_counter import FlopCounterMode
@@ -430,6 +446,7 @@ def test_model_flops_are_what_the_flop_counter_counts(stage, images):
     assert model.flops(text_tokens, images, seq) == counter.get_total_flops()
 
 
+@pytest.mark.slow
 def test_losses_are_bit_identical_with_any_number_of_data_workers(world, base, tmp_path):
     runs = {}
     for workers in (0, 1, 4):
@@ -441,6 +458,7 @@ def test_losses_are_bit_identical_with_any_number_of_data_workers(world, base, t
     assert runs[0] == runs[1] == runs[4]
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_and_counted_in_workers(world, base, tmp_path):
     """A missing image is refused before any work (the validation pass opens every header); one whose header
     opens but whose pixels are cut short fails only when a data worker decodes it, and is skipped there."""
@@ -471,6 +489,7 @@ def test_unreadable_images_are_skipped_and_counted_in_workers(world, base, tmp_p
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["skipped_images"] == 2 * 8
 
 
+@pytest.mark.slow
 def test_bf16_keeps_frozen_parts_bf16_and_what_trains_fp32(world, base, tmp_path):
     out = tmp_path / "out"
     assert train.main(args(world, 2, out, "--init_from", str(base), "--max_iters", "1", "--eval_questions", "1",
@@ -481,6 +500,7 @@ def test_bf16_keeps_frozen_parts_bf16_and_what_trains_fp32(world, base, tmp_path
     assert saved["projector.linears.0.weight"].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_stage2_from_a_llava_med_v1_checkpoint_keeps_its_image_markers(world, tmp_path):
     """A v1-layout checkpoint (mm_use_im_start_end, <im_start>/<im_patch>/<im_end> added to the tokenizer) is
     tuned with v1.0's prompts and saved with its added tokens, so that the result loads and answers."""
