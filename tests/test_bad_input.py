@@ -241,6 +241,7 @@ def test_train_refuses_samples_past_the_models_positions(world, base, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- sample.py
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,value", [("--batch_size", "-1"), ("--top_p", "0"), ("--device", "bogus")])
 def test_sample_rejects_a_bad_flag_naming_it(flag, value):
     res = run("sample.py", "--prompt", "hi", flag, value)

@@ -169,6 +169,7 @@ def test_killed_mid_run_then_restarted(tmp_path):
     assert not set(after) & set(done_before)  # ... and nothing finished before the kill was paid for again
 
 
+@pytest.mark.slow
 def test_api_key_never_leaks_and_auth_errors_stop_the_run(tmp_path):
     ids = make_input(tmp_path / "in.jsonl", 3)
     with StubServer(plan={"id00": ["echo_auth"]}) as stub:

@@ -102,6 +102,7 @@ VARLEN_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=["self", "mqa", "cross-gqa"])
