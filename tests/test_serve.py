@@ -75,6 +75,7 @@ def serial(assistant, question, image_path=None, history=(), max_new_tokens=24, 
     return assistant.answer([question], [image], [list(history)], max_new_tokens=max_new_tokens, **kw)[0]
 
 
+@pytest.mark.slow
 def test_answers_equal_sample_py_and_assistant(checkpoint, assistant, server, capsys):
     c = client(server)
     question, image = QUESTIONS[0], checkpoint / "img0.png"
@@ -292,6 +293,7 @@ def test_sample_py_serve_flags(monkeypatch, checkpoint):
         sample.main(["--model", str(checkpoint / NAME), "--serve", "--prompt", "hi"])
 
 
+@pytest.mark.slow
 def test_sample_py_serve_end_to_end(checkpoint, assistant):
     """The CLI as a user runs it, in its own process: it says where it serves and answers as sample.py."""
     with socket.socket() as sock:
@@ -314,6 +316,7 @@ def test_sample_py_serve_end_to_end(checkpoint, assistant):
         proc.communicate(timeout=30)
 
 
+@pytest.mark.slow
 def test_judge_runs_against_the_server(tmp_path, assistant, server, monkeypatch):
     """The judged evaluation end to end offline: our model stands in for GPT-4 as judge. Its replies are not
     two scores, so each row records the parse error quoting the reply's first line, which must be the reply
