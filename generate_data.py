@@ -22,40 +22,24 @@ import sys
 import time
 from collections import Counter
 
-from minillavamed import instruct
+from minillavamed import api, instruct
+from minillavamed.records import JsonlAppender, located_records, read_jsonl_resume
 
 
 def load_records(path: str) -> list[dict]:
-    """PMC-15M style records from a JSON array or JSONL; errors name the file and the record."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    whole = None
-    if text.lstrip().startswith(("[", "{")):
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            pass  # JSONL
-    if isinstance(whole, list) or (isinstance(whole, dict) and all(isinstance(v, list) for v in whole.values())):
-        # A JSON array, or LLaVA-Med's {domain: [records]} (instruct.pmc_records flattens it).
-        numbered = [(f"record {i}", rec) for i, rec in enumerate(instruct.pmc_records(whole))]
-    else:
-        numbered = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    numbered.append((f"line {i}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}: line {i}: not valid JSON ({e.msg})")
-        numbered = list(zip([w for w, _ in numbered], instruct.pmc_records([r for _, r in numbered])))
+    """PMC-15M style records from a JSON array, LLaVA-Med's {domain: [records]} or JSONL; errors name the file
+    and the record."""
+    try:
+        located = located_records(path, grouped=instruct.pmc_records)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     seen, out = set(), []
-    for where, rec in numbered:
-        if not isinstance(rec, dict):
-            raise SystemExit(f"{path}: {where}: expected a JSON object")
+    for where, rec in zip([w for w, _ in located], instruct.pmc_records([r for _, r in located])):
         for key in ("pair_id", "image", "fig_caption"):
             if not isinstance(rec.get(key), str) or not rec[key].strip():
-                raise SystemExit(f"{path}: {where}: missing or empty '{key}'")
+                raise SystemExit(f"{where}: missing or empty '{key}'")
         if rec["pair_id"] in seen:
-            raise SystemExit(f"{path}: {where}: duplicate pair_id {rec['pair_id']!r}")
+            raise SystemExit(f"{where}: duplicate pair_id {rec['pair_id']!r}")
         seen.add(rec["pair_id"])
         out.append(rec)
     return out
@@ -64,7 +48,7 @@ def load_records(path: str) -> list[dict]:
 def prepare_failures(path: str, retry_failed: bool, input_ids: set[str], retry_unanswered: bool = True) -> set[str]:
     """Ids already failed. Failures no server answered (kind "connection") are taken out of the file
     (atomically) to be redone, and with --retry_failed every failure of the input is."""
-    rows = instruct.read_jsonl_resume(path)
+    rows = read_jsonl_resume(path)
     redo = [r for r in rows if r["id"] in input_ids and (retry_failed or retry_unanswered and r.get("kind") == "connection")]
     if not redo:
         return {r["id"] for r in rows}
@@ -129,15 +113,15 @@ def dry_run(pending: list[dict], args) -> None:
           f"${args.price_in}/${args.price_out} per 1M tokens in/out")
 
 
-class Unreachable(instruct.FatalAPIError):
+class Unreachable(api.FatalAPIError):
     """The first records all failed to connect and none succeeded: the endpoint is down or wrong."""
 
 
 async def run_instruct(pending: list[dict], args, out, failures, progress) -> int:
-    cfg = instruct.ClientConfig(model=args.model, base_url=args.base_url, temperature=args.temperature,
+    cfg = api.ClientConfig(model=args.model, base_url=args.base_url, temperature=args.temperature,
                                 max_tokens=args.max_tokens, timeout=args.timeout, max_retries=args.max_retries,
                                 backoff_base=args.backoff_base)
-    client = instruct.ChatClient(cfg)
+    client = api.ChatClient(cfg)
     queue: asyncio.Queue = asyncio.Queue()
     for rec in pending:
         queue.put_nowait(rec)
@@ -150,9 +134,9 @@ async def run_instruct(pending: list[dict], args, out, failures, progress) -> in
             try:
                 reply = await client.complete(instruct.build_messages(rec, args.inline_mentions))
                 row = instruct.to_llava_record(rec, reply, instruct.record_rng(args.seed, rec["pair_id"]))
-            except (instruct.APIFailure, instruct.ReplyError) as e:
+            except (api.APIFailure, instruct.ReplyError) as e:
                 # Single-threaded event loop: writes from different workers never interleave.
-                reason, kind = instruct.redact(str(e)), getattr(e, "kind", "reply")
+                reason, kind = api.redact(str(e)), getattr(e, "kind", "reply")
                 failures.write({"id": rec["pair_id"], "reason": reason, "kind": kind, "time": time.time()})
                 progress.failed += 1
                 reasons[reason] += 1
@@ -169,7 +153,7 @@ async def run_instruct(pending: list[dict], args, out, failures, progress) -> in
     fatal = None
     try:
         await asyncio.gather(*workers)
-    except instruct.FatalAPIError as e:
+    except api.FatalAPIError as e:
         fatal = e
         for w in workers:
             w.cancel()
@@ -178,7 +162,7 @@ async def run_instruct(pending: list[dict], args, out, failures, progress) -> in
         progress.tick(client, force=True)
         await client.close()
     if fatal is not None:  # after the progress line, so that the reason is the last line
-        print(f"error: {instruct.redact(str(fatal))}; stopping (re-run to resume)", file=sys.stderr)
+        print(f"error: {api.redact(str(fatal))}; stopping (re-run to resume)", file=sys.stderr)
         return 2
     if progress.failed and not progress.done:
         top = "; ".join(f"{r} (x{n})" for r, n in reasons.most_common(2))
@@ -222,7 +206,7 @@ def main() -> int:
 
     records = load_records(args.input)[:args.limit]
     input_ids = {r["pair_id"] for r in records}
-    done = {r["id"] for r in instruct.read_jsonl_resume(args.output)}
+    done = {r["id"] for r in read_jsonl_resume(args.output)}
     failed = prepare_failures(failures_path, args.retry_failed and not args.dry_run, input_ids,
                               retry_unanswered=not args.dry_run)
     if done & failed:
@@ -239,7 +223,7 @@ def main() -> int:
             dry_run(pending, args)
         return 0
 
-    out, failures = instruct.JsonlAppender(args.output), instruct.JsonlAppender(failures_path)
+    out, failures = JsonlAppender(args.output), JsonlAppender(failures_path)
     progress = Progress(len(records), already, args)
     try:
         if args.mode == "alignment":
@@ -249,8 +233,8 @@ def main() -> int:
             progress.tick(None, force=True)
             return 0
         return asyncio.run(run_instruct(pending, args, out, failures, progress))
-    except instruct.FatalAPIError as e:
-        print(f"error: {instruct.redact(str(e))}", file=sys.stderr)
+    except api.FatalAPIError as e:
+        print(f"error: {api.redact(str(e))}", file=sys.stderr)
         return 2
     finally:
         out.close()

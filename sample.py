@@ -26,8 +26,8 @@ import torch
 from minillavamed.checkpoint import CheckpointError
 from minillavamed.conversation import TEMPLATES
 from minillavamed.data import ImageLoadError, load_image, located_records, questions_from_vqa, record_problem
-from minillavamed.inference import Assistant, answer_questions, device_arg
-from minillavamed.instruct import read_jsonl_resume
+from minillavamed.inference import Assistant, answer_questions, default_dtype, device_arg
+from minillavamed.records import read_jsonl_resume
 
 DEFAULT_MODEL = Path("out/tiny/stage2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,32 +103,31 @@ def load_assistant(args) -> Assistant:
         hint = ("train the tiny model first: python train.py --stage 0 && python train.py --stage 1 && "
                 "python train.py --stage 2" if args.model is None else "pass a checkpoint directory")
         raise SystemExit(f"no model at {path}: {hint}")
-    # Quantised layers run fastest on bf16 activations (bench/local_7b.py).
-    fast = args.device.startswith("cuda") or args.quantize is not None
-    dtype = DTYPES[args.dtype or ("bfloat16" if fast else "float32")]
+    dtype = DTYPES[args.dtype or default_dtype(args.device, args.quantize)]
     return Assistant.load(path, vision_tower=args.vision_tower, conv=args.conv, device=args.device, dtype=dtype,
                           quantize=args.quantize)
 
 
 class Streamer:
-    """Prints a reply as it is generated, holding back text that might be the start of a stop string."""
+    """Prints a reply as it is generated: what StopStrings.visible says cannot change any more."""
 
     def __init__(self, assistant: Assistant):
-        self.assistant, self.tokens, self.shown = assistant, [], 0
-        self.hold = max(len(s) for s in assistant.template.stop_strings)
+        self.eos_id, self.stops = assistant.tokenizer.eos_id, assistant.stops()
+        self.tokens, self.shown = [], ""
 
     def __call__(self, tokens: torch.Tensor, active: list[bool]) -> None:
-        if not active[0] or int(tokens[0]) == self.assistant.tokenizer.eos_id:
+        if not active[0] or int(tokens[0]) == self.eos_id:
             return
         self.tokens.append(int(tokens[0]))
-        text = self.assistant.tokenizer.decode(self.tokens).lstrip()  # as the final reply is stripped
-        safe = len(text) - self.hold
-        if safe > self.shown and not any(s in text for s in self.assistant.template.stop_strings):
-            print(text[self.shown:safe], end="", flush=True)
+        if self.stops.reached(self.tokens):
+            return
+        safe = self.stops.visible(self.stops.decode(self.tokens))
+        if len(safe) > len(self.shown):
+            print(safe[len(self.shown):], end="", flush=True)
             self.shown = safe
 
     def finish(self, reply: str) -> None:
-        print(reply[self.shown:], flush=True)  # the reply begins with what was shown: stops were held back
+        print(reply[len(self.shown):], flush=True)  # the reply begins with what was shown
 
 
 def ask(assistant: Assistant, args, question: str, image, history=()) -> str:

@@ -37,33 +37,14 @@ from minillavamed.attention import require_triton
 from minillavamed.checkpoint import CheckpointError, check_vocab, fill_shards, read_config, save_state
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset
 from minillavamed.conversation import get_template, render
+from minillavamed.curriculum import STAGES, TINY_STAGES, peak_tflops, set_trainable
 from minillavamed.data import (ConversationDataset, DataError, DataReport, ImageProcessor, check_data, collate,
-                               image_positions, load_records, questions_from_vqa, record_problem)
+                               load_records, questions_from_vqa, record_problem)
 from minillavamed.evaluation import score_vqa
-from minillavamed.inference import Assistant, answer_questions, device_arg
+from minillavamed.inference import Assistant, answer_questions, default_dtype, device_arg
 from minillavamed.tokenizer import Tokenizer, train_tokenizer
 
-# Paper recipe (LLaVA-Med v1 scripts) per stage; "tiny" where the paper's numbers don't fit a CPU run.
-STAGES = {
-    0: dict(epochs=1.0, lr=1e-3, global_batch=128, conv="mistral_instruct"),
-    1: dict(epochs=1.0, lr=2e-3, global_batch=128, conv="plain"),
-    2: dict(epochs=3.0, lr=2e-5, global_batch=128, conv=None),
-    3: dict(epochs=3.0, lr=2e-5, global_batch=128, conv=None),
-}
-TINY_STAGES = {
-    # From scratch, a higher rate lets the decoder fit the text prior before it learns to look at the
-    # image, and then no gradient reaches the vision tower: 5e-4 keeps the image in play.
-    0: dict(epochs=4.0, lr=5e-4, global_batch=32),
-    1: dict(epochs=2.0, lr=2e-3, global_batch=32),
-    2: dict(epochs=10.0, lr=1e-3, global_batch=32),
-    3: dict(epochs=3.0, lr=1e-4, global_batch=32),
-}
-for _stage in TINY_STAGES.values():
-    _stage.update(max_len=256, micro_batch=16)
-for _stage in STAGES.values():
-    _stage.update(max_len=2048, micro_batch=16)
 WORLD = Path("data/synthetic")
-PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
 
 
 def opt(default, help: str):
@@ -214,7 +195,7 @@ def fill_defaults(cfg: TrainConfig) -> TrainConfig:
     cfg.conv = cfg.conv or (STAGES[cfg.stage]["conv"] or "")
     cuda = torch.cuda.is_available()
     cfg.device = cfg.device or ("cuda" if cuda else "cpu")
-    cfg.dtype = cfg.dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")
+    cfg.dtype = cfg.dtype or default_dtype(cfg.device)
     # The kernels take fp16/bf16 on GPUs: fp32 on a GPU (and any CPU run) defaults to SDPA.
     cfg.attn = cfg.attn or ("triton" if cfg.device.startswith("cuda") and cfg.dtype == "bfloat16" else "sdpa")
     if cfg.attn == "triton":  # refused here, in one line, rather than at the first forward pass
@@ -235,18 +216,6 @@ def synthetic_paths(stage: int) -> tuple[dict, str]:
     data = {0: [paths["general"], paths["text"]], 1: [paths["alignment"]], 2: [paths["instruct"]],
             3: [paths["vqa_train"]]}[stage]
     return paths, data
-
-
-def set_trainable(model: LlavaMed, stage: int) -> None:
-    """Which parts learn in each stage (paper §4.1); the vision tower is frozen after stage 0."""
-    model.requires_grad_(False)
-    parts = {0: [model.vision, model.projector, model.decoder], 1: [model.projector]}.get(
-        stage, [model.projector, model.decoder])
-    for part in parts:
-        part.requires_grad_(True)
-    if stage == 0:  # blocks past the selected layer never reach the output
-        model.vision.blocks[model.vision.n_run:].requires_grad_(False)
-        model.vision.post_norm.requires_grad_(False)
 
 
 def lr_at(it: int, cfg: TrainConfig, total: int) -> float:
@@ -472,7 +441,7 @@ def validate_data(cfg: TrainConfig, files, image_folder, template, tokenizer, mo
     The model's vocabulary must cover its tokenizer's."""
     try:
         check_vocab(model_cfg, tokenizer.vocab_size, cfg.init_from or cfg.out_dir)
-        report = check_data(files, image_folder, template, tokenizer, cfg.max_len, image_positions(model_cfg.vision),
+        report = check_data(files, image_folder, template, tokenizer, cfg.max_len, model_cfg.vision.tokens_per_image,
                             model_cfg.decoder.max_seq_len, cfg.skip_bad_records, cfg.skip_bad_images,
                             im_start_end=model_cfg.mm_use_im_start_end)
     except (CheckpointError, DataError, OSError) as e:
@@ -587,7 +556,7 @@ def make_loader(train_set, cfg: TrainConfig, d: Dist, accum: int, position: dict
 
 def build_dataset(records, cfg, template, tokenizer, processor, model_cfg, image_folder, source):
     return ConversationDataset(records, image_folder, template, tokenizer, processor, cfg.max_len,
-                               image_positions(model_cfg.vision), skip_bad_images=cfg.skip_bad_images, source=source,
+                               model_cfg.vision.tokens_per_image, skip_bad_images=cfg.skip_bad_images, source=source,
                                im_start_end=model_cfg.mm_use_im_start_end)
 
 
@@ -889,12 +858,11 @@ def train(run: Run, it: int, position: dict) -> int:
     evaluations and checkpoints at their intervals; 0 when done, 1 on a non-finite loss, 128 + signal
     when stopped by one."""
     cfg, d, model, device, out = run.cfg, run.d, run.model, run.device, run.out
-    image_tokens = image_positions(model.cfg.vision)
+    image_tokens = model.cfg.vision.tokens_per_image
     loader = make_loader(run.train_set, cfg, d, run.accum, position,
                          Collate(run.tokenizer.pad_id, cfg.pack, image_tokens), pin=device.type == "cuda")
     batches = iter(loader)
-    peak = cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
-                                    if device.type == "cuda" and k in torch.cuda.get_device_name(device)), 0.0)
+    peak = cfg.peak_tflops or peak_tflops(device)
     if d.master:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -67,7 +67,7 @@ def main() -> None:
               f"({best / len(files) * 1e3:.1f} ms per sample, best of {args.repeats} x {len(files)} images)")
         for stage, mfu in zip((1, 2), args.mfu):
             train.set_trainable(model, stage)
-            seq = args.text_len + cfg.vision.num_patches
+            seq = args.text_len + cfg.vision.tokens_per_image
             flops = model.flops(args.text_len, 1, seq)
             for gpu, peak in PEAKS.items():
                 need = mfu * peak / flops

@@ -1,7 +1,7 @@
 """Training throughput of one stage on random data: tokens/s and MFU, for a preset at a chosen size.
 
-Uses train.py's choice of what trains per stage and the model's own FLOP count (`LlavaMed.flops`, behind
-the MFU train.py logs), so the figure here is the figure a real run reports. The 7B presets fit one H100
+Uses the curriculum's choice of what trains per stage (`curriculum.set_trainable`, as train.py does) and the
+model's own FLOP count (`LlavaMed.flops`, behind the MFU train.py logs), so the figure here is the figure a real run reports. The 7B presets fit one H100
 for stage 1 (only the projector trains); stage 2 trains the whole decoder, so measure it on a depth-reduced model (--layers).
 
     python bench/train_speed.py --preset tiny --stage 2                                       # CPU
@@ -20,15 +20,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import train  # noqa: E402  (train.py is a script at the repo root)
 from minillavamed import LlavaMed  # noqa: E402
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset  # noqa: E402
+from minillavamed.curriculum import STAGES, peak_tflops, set_trainable  # noqa: E402
+from minillavamed.inference import default_dtype  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--stage", type=int, default=2, choices=sorted(train.STAGES))
+    p.add_argument("--stage", type=int, default=2, choices=sorted(STAGES))
     p.add_argument("--layers", type=int, default=0, help="decoder depth (0: the preset's)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--text_len", type=int, default=100, help="text tokens per sample besides the image")
@@ -43,7 +44,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    dtype = args.dtype or default_dtype(args.device)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -54,7 +55,7 @@ def main() -> None:
         model = LlavaMed(cfg)
     model.set_attention_backend(args.attn or ("triton" if cuda else "sdpa"))
     model.decoder.checkpointing = args.grad_ckpt
-    train.set_trainable(model, args.stage)
+    set_trainable(model, args.stage)
     trainable = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=cuda)
     forward = torch.compile(model) if args.compile else model
@@ -64,10 +65,9 @@ def main() -> None:
     ids = torch.cat([text[:, :5], torch.full((args.batch, 1), IMAGE_TOKEN_INDEX, device=device), text[:, 5:]], 1)
     pixels = torch.randn(args.batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=device)
     labels = ids.clone().masked_fill(ids == IMAGE_TOKEN_INDEX, -100)
-    seq = args.text_len + cfg.vision.num_patches
+    seq = args.text_len + cfg.vision.tokens_per_image
     flops = model.flops(args.batch * args.text_len, args.batch, seq)
-    peak = args.peak_tflops or next((v for k, v in train.PEAK_TFLOPS.items()
-                                     if cuda and k in torch.cuda.get_device_name(device)), 0.0)
+    peak = args.peak_tflops or peak_tflops(device)
 
     def step():
         with autocast:

@@ -70,8 +70,8 @@ def _sdpa(q, k, v, mask, is_causal, scale):
 
 def _sdpa_decode(q, k, v, key_padding_mask, scale):
     """One new query per row (a decode step): the query heads that share a key/value head are handed to SDPA
-    as that head's queries, so it runs plain multi-head attention; on a CPU that is about a third faster than
-    its grouped-query path. The newest key is always a real token, so no row is ever fully masked."""
+    as that head's queries, so it runs plain multi-head attention, which CPUs run faster than its grouped-query
+    path (bench/RESULTS.md, "Speed choices"). The newest key is always a real token, so no row is ever fully masked."""
     b, _, heads, d = q.shape
     kv_heads = k.shape[2]
     mask = None if key_padding_mask is None else key_padding_mask.bool()[:, None, None, :]

@@ -26,10 +26,14 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from minillavamed.config import DecoderConfig, LlavaConfig, ProjectorConfig, VisionConfig
-from minillavamed.projector import projector_depth
+from minillavamed.config import ConfigError, DecoderConfig, LlavaConfig, ProjectorConfig, VisionConfig
+from minillavamed.conversation import IM_END, IM_PATCH, IM_START
+from minillavamed.quantize import QuantConfig, QuantizedLinear, empty_quantized, quantized_names, replace_module
+from minillavamed.tokenizer import Tokenizer
 
 FORMAT = "minillavamed"
+# Largest weight file written; past it the tensors go in numbered shards with an index (transformers' default).
+SHARD_BYTES = 5 * 2**30
 
 
 class CheckpointError(ValueError):
@@ -232,9 +236,8 @@ def decoder_keys(cfg: DecoderConfig, pre: str, head: str) -> list[tuple[str, str
 
 def projector_keys(cfg: ProjectorConfig, pre: str, style: str) -> list[tuple[str, str]]:
     """style 'hf': linear_1, linear_2; 'llava': an nn.Sequential (0, 2, ...) or a bare Linear."""
-    depth = projector_depth(cfg.type)
     pairs = []
-    for i in range(depth):
+    for i in range(cfg.depth):
         if style == "hf":
             theirs = f"{pre}linear_{i + 1}"
         else:
@@ -293,22 +296,21 @@ def _conv_for(llm_type: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def load_model(path, vision_tower=None, dtype=None, device=None, projector: str = "mlp2x_gelu", quantize=None):
-    """Build a LlavaMed from any supported layout (see the module docstring); missing, unexpected or
-    mis-shaped tensors raise CheckpointError naming the key and the file. `quantize`: see quantize.py."""
-    from minillavamed.llava import LlavaMed
-    from minillavamed.quantize import QuantConfig
-
+def load_model(model_class, path, vision_tower=None, dtype=None, device=None, projector: str = "mlp2x_gelu",
+               quantize=None):
+    """Build `model_class` (LlavaMed, whose from_pretrained calls this) from any supported layout (see the module
+    docstring); missing, unexpected or mis-shaped tensors raise CheckpointError naming the key and the file.
+    `quantize`: see quantize.py."""
     path = Path(path)
     quantize = None if quantize is None else QuantConfig.parse(quantize)
     if quantize is not None and torch.device(device or "cpu").type != "cpu":
         raise ValueError(f"weight-only {quantize.mode} uses torch's CPU kernels; load it with device='cpu'")
     meta, files = _open_checkpoint(path)
     if meta.get("model_type") == FORMAT and "quantization" in meta:
-        return _load_quantized(path, meta, files, quantize, dtype or torch.float32)
+        return _load_quantized(model_class, path, meta, files, quantize, dtype or torch.float32)
     cfg, sources, fresh = _plan(path, meta, files, vision_tower, projector)
     with torch.device("meta"):
-        model = LlavaMed(cfg)
+        model = model_class(cfg)
     _fill(model, sources, fresh, dtype or torch.float32, torch.device(device or "cpu"), quantize)
     return model
 
@@ -320,7 +322,7 @@ def read_config(path, vision_tower=None, projector: str = "mlp2x_gelu") -> Llava
     path = Path(path)
     meta, files = _open_checkpoint(path)
     if meta.get("model_type") == FORMAT and "quantization" in meta:
-        return LlavaConfig.from_dict({k: v for k, v in meta.items() if k not in ("model_type", "quantization")})
+        return _our_config(path, meta)
     return _plan(path, meta, files, vision_tower, projector)[0]
 
 
@@ -330,16 +332,31 @@ def _open_checkpoint(path: Path) -> tuple[dict, WeightFiles]:
     return _read_json(path / "config.json"), WeightFiles(path)
 
 
+def _our_config(path: Path, meta: dict) -> LlavaConfig:
+    """The LlavaConfig of our format's config.json."""
+    try:
+        return LlavaConfig.from_dict({k: v for k, v in meta.items() if k not in ("model_type", "quantization")})
+    except ConfigError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+
+
 def _plan(path: Path, meta: dict, files: WeightFiles, vision_tower, projector: str):
     """(config, [(weight files, [(our key, their key)], prefixes of theirs knowingly unused)], parts left at
     random init) for the layout `meta` describes."""
+    try:
+        return _layout(path, meta, files, vision_tower, projector)
+    except ConfigError as e:  # a value of theirs our configs refuse (e.g. mm_vision_select_feature)
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+
+
+def _layout(path: Path, meta: dict, files: WeightFiles, vision_tower, projector: str):
     kind = meta.get("model_type")
     # (files, [(our key, their key)], prefixes of their keys that are knowingly left unused)
     sources: list[tuple[WeightFiles, list[tuple[str, str]], tuple[str, ...]]] = []
     fresh: list[str] = []  # parts that start from random init (the projector of a fresh LLaVA)
 
     if kind == FORMAT:
-        cfg = LlavaConfig.from_dict({k: v for k, v in meta.items() if k != "model_type"})
+        cfg = _our_config(path, meta)
         ours = [o for o, _ in vision_keys(cfg.vision, "") + decoder_keys(cfg.decoder, "", "")
                 + projector_keys(cfg.projector, "", "hf")]  # our names: the left side of every key map
         sources.append((files, [(k, k) for k in ours], ()))
@@ -414,11 +431,8 @@ def _plan(path: Path, meta: dict, files: WeightFiles, vision_tower, projector: s
     return cfg, sources, fresh
 
 
-def _load_quantized(path: Path, meta: dict, files: WeightFiles, quantize, dtype: torch.dtype):
+def _load_quantized(model_class, path: Path, meta: dict, files: WeightFiles, quantize, dtype: torch.dtype):
     """A checkpoint save_model wrote from a quantised model: its tensors are the model's state dict."""
-    from minillavamed.llava import LlavaMed
-    from minillavamed.quantize import QuantConfig, empty_quantized
-
     try:
         saved = QuantConfig.parse(meta["quantization"])
     except (TypeError, ValueError) as e:
@@ -426,9 +440,9 @@ def _load_quantized(path: Path, meta: dict, files: WeightFiles, quantize, dtype:
     if quantize is not None and quantize != saved:
         raise CheckpointError(f"{path}: saved quantised as {saved}; asked for {quantize} (load it without quantize, "
                               f"or quantize its bf16 original)")
-    cfg = LlavaConfig.from_dict({k: v for k, v in meta.items() if k not in ("model_type", "quantization")})
+    cfg = _our_config(path, meta)
     with torch.device("meta"):
-        model = LlavaMed(cfg)
+        model = model_class(cfg)
     empty_quantized(model, saved, dtype)
     model.quantization = saved
     state = model.state_dict(keep_vars=True)
@@ -458,9 +472,6 @@ def _load_quantized(path: Path, meta: dict, files: WeightFiles, quantize, dtype:
 
 def _check_image_markers(path: Path, cfg: LlavaConfig) -> None:
     """A v1 checkpoint's tokenizer must hold <im_start>, <im_patch>, <im_end> with embedding rows."""
-    from minillavamed.conversation import IM_END, IM_PATCH, IM_START
-    from minillavamed.tokenizer import Tokenizer
-
     if not (path / "tokenizer.model").exists():
         return  # the tokenizer comes from elsewhere; tokenize_prompt checks it then
     added = Tokenizer(path).added
@@ -478,8 +489,6 @@ def add_image_markers(model, tokenizer) -> None:
     """Turn on LLaVA-Med v1's mm_use_im_start_end for a model that lacks it, as v1.0's
     initialize_vision_tokenizer did: <im_patch>, <im_start>, <im_end> join the tokenizer (those it lacks),
     and the embedding and output matrices grow to cover them, new rows set to the mean of the old ones."""
-    from minillavamed.conversation import IM_END, IM_PATCH, IM_START
-
     tokenizer.add_tokens([IM_PATCH, IM_START, IM_END])
     d = model.cfg.decoder
     rows = max(max(tokenizer.added.values()) + 1, d.vocab_size)
@@ -532,8 +541,6 @@ def _clip_prefix(clip: WeightFiles, directory: Path) -> str:
 def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, device: torch.device, quantize=None) -> None:
     """Replace every meta parameter with its checkpoint tensor (cast to dtype, moved to device); with `quantize`
     (a QuantConfig), each linear layer it covers is quantised as soon as its last parameter is in."""
-    from minillavamed.quantize import QuantizedLinear, quantized_names, replace_module
-
     params = dict(model.named_parameters())
     to_quantize = set(quantized_names(model)) if quantize is not None else set()
     wanted = {k for k in params if not any(k.startswith(f) for f in fresh)}
@@ -593,25 +600,19 @@ def fill_shards(model: nn.Module, path, vision_tower=None, projector: str = "mlp
     in fp32 (they are small) and sliced."""
     from torch.distributed.tensor import DTensor, Shard
 
-    from minillavamed.llava import LlavaMed
-
     path = Path(path)
     meta, files = _open_checkpoint(path)
-    cfg, sources, fresh = _plan(path, meta, files, vision_tower, projector)
+    _, sources, fresh = _plan(path, meta, files, vision_tower, projector)
     where = {}
     for source, pairs, unused in sources:
         _check_unexpected(source, pairs, unused)
         where.update({ours: (source, theirs) for ours, theirs in pairs})
     initial = {}
-    if fresh:
-        with torch.device("meta"):
-            scratch = LlavaMed(cfg)
-        for prefix in fresh:  # PyTorch's default init, as load_model gives them
-            module = scratch.get_submodule(prefix.rstrip(".")).to_empty(device="cpu")
-            for m in module.modules():
-                if isinstance(m, nn.Linear):
-                    m.reset_parameters()
-            initial.update(module.named_parameters(prefix=prefix.rstrip(".")))
+    for prefix in fresh:  # PyTorch's default init, as load_model gives them: each linear layer built whole
+        for name, m in model.get_submodule(prefix.rstrip(".")).named_modules(prefix=prefix.rstrip(".")):
+            if isinstance(m, nn.Linear):
+                whole = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="cpu")
+                initial.update(whole.named_parameters(prefix=name))
     with torch.no_grad():
         for name, param in model.named_parameters():
             local, start, stop = param, None, None
@@ -683,12 +684,12 @@ def _write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def save_model(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_model(model, path, max_shard_bytes: int = SHARD_BYTES) -> None:
     """Our format: config.json (model_type minillavamed + the LlavaConfig) and the weights."""
     save_state(model.cfg, model.state_dict(), path, max_shard_bytes, getattr(model, "quantization", None))
 
 
-def save_state(cfg: LlavaConfig, state: dict[str, torch.Tensor], path, max_shard_bytes: int = 5 * 2**30,
+def save_state(cfg: LlavaConfig, state: dict[str, torch.Tensor], path, max_shard_bytes: int = SHARD_BYTES,
                quantization=None) -> None:
     """save_model for a state dict gathered elsewhere (e.g. from FSDP shards); `quantization`: a QuantConfig."""
     path = Path(path)
@@ -700,7 +701,7 @@ def save_state(cfg: LlavaConfig, state: dict[str, torch.Tensor], path, max_shard
     _write_tensors(state, path, max_shard_bytes)
 
 
-def export_llava_hf(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
+def export_llava_hf(model, path, max_shard_bytes: int = SHARD_BYTES) -> None:
     """Write the transformers llava-hf layout, so that LlavaForConditionalGeneration opens a trained model.
 
     llava-hf marks image positions with a real token id, so the vocabulary grows by one row for it (id =
@@ -710,7 +711,7 @@ def export_llava_hf(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
     cfg: LlavaConfig = model.cfg
     if getattr(model, "quantization", None) is not None:
         raise ValueError("llava-hf holds float weights; export the model before quantising it")
-    if projector_depth(cfg.projector.type) != 2:
+    if cfg.projector.depth != 2:
         raise ValueError(f"llava-hf has a two-layer projector; {cfg.projector.type!r} cannot be exported to it")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

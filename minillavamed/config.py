@@ -9,6 +9,7 @@ enough to train through the whole curriculum on a laptop CPU.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 # LLaVA v1.5's convention: the prompt's <image> placeholder becomes this id in input_ids, and the model
@@ -16,6 +17,28 @@ from dataclasses import dataclass, field
 IMAGE_TOKEN_INDEX = -200
 # Label value that the loss ignores (PyTorch's cross_entropy default), used for prompts and image patches.
 IGNORE_INDEX = -100
+
+
+class ConfigError(ValueError):
+    """A config field the model cannot be built with: the message names the field, its value and what it may be."""
+
+
+def _require(config, name: str, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{type(config).__name__}.{name} = {getattr(config, name)!r}: {allowed}")
+
+
+def _positive_ints(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        _require(config, name, isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 "must be a positive integer")
+
+
+def _positive_number(config, name: str) -> None:
+    value = getattr(config, name)
+    _require(config, name, isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+             "must be a positive number")
 
 
 @dataclass
@@ -36,9 +59,27 @@ class VisionConfig:
     # "patch" drops the class token, as LLaVA does; "cls_patch" keeps it.
     select_feature: str = "patch"
 
+    def __post_init__(self):
+        _positive_ints(self, "image_size", "patch_size", "width", "layers", "heads", "mlp_dim", "channels")
+        _positive_number(self, "norm_eps")
+        _require(self, "image_size", self.image_size % self.patch_size == 0,
+                 f"must be a multiple of patch_size {self.patch_size}")
+        _require(self, "width", self.width % self.heads == 0, f"must be a multiple of heads {self.heads}")
+        _require(self, "select_layer", isinstance(self.select_layer, int) and not isinstance(self.select_layer, bool)
+                 and -(self.layers + 1) <= self.select_layer <= self.layers,
+                 f"must index one of the {self.layers + 1} hidden states (embeddings + {self.layers} layers): "
+                 f"{-(self.layers + 1)} to {self.layers}")
+        _require(self, "select_feature", self.select_feature in ("patch", "cls_patch"), "choose 'patch' or 'cls_patch'")
+
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Decoder positions one image sentinel becomes: its patches, plus the class token under "cls_patch".
+        LLaVA-Med v1's <im_start> and <im_end> (mm_use_im_start_end) are ordinary prompt tokens beside it."""
+        return self.num_patches + (self.select_feature == "cls_patch")
 
 
 @dataclass
@@ -46,6 +87,16 @@ class ProjectorConfig:
     """The projection layer from vision features to word embeddings: `linear` or `mlp{N}x_gelu`."""
 
     type: str = "mlp2x_gelu"
+
+    def __post_init__(self):
+        _require(self, "type", isinstance(self.type, str) and (self.type == "linear" or (
+            (m := re.fullmatch(r"mlp(\d+)x_gelu", self.type)) is not None and int(m.group(1)) >= 1)),
+            "choose 'linear' or 'mlp<N>x_gelu' (N >= 1)")
+
+    @property
+    def depth(self) -> int:
+        """Number of linear layers: `linear` 1, `mlp{N}x_gelu` N."""
+        return 1 if self.type == "linear" else int(self.type[3:-6])
 
 
 @dataclass
@@ -65,6 +116,18 @@ class DecoderConfig:
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
+
+    def __post_init__(self):
+        _positive_ints(self, "vocab_size", "dim", "layers", "heads", "kv_heads", "mlp_dim", "max_seq_len")
+        _positive_number(self, "norm_eps")
+        _positive_number(self, "rope_theta")
+        _require(self, "heads", self.heads % self.kv_heads == 0, f"must be a multiple of kv_heads {self.kv_heads}")
+        _require(self, "dim", self.dim % (2 * self.heads) == 0,
+                 f"must be a multiple of 2 x heads ({2 * self.heads}): RoPE rotates pairs of each head's dimensions")
+        _require(self, "tie_embeddings", isinstance(self.tie_embeddings, bool), "must be true or false")
+        for name in ("bos_id", "eos_id", "pad_id"):
+            _require(self, name, isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
+                     "must be an integer token id")
 
     @property
     def head_dim(self) -> int:
@@ -87,6 +150,15 @@ class LlavaConfig:
     # (tokens added to the vocabulary), instead of v1.5's sentinel alone in front (conversation.py).
     mm_use_im_start_end: bool = False
 
+    def __post_init__(self):
+        for name, kind in (("vision", VisionConfig), ("projector", ProjectorConfig), ("decoder", DecoderConfig)):
+            _require(self, name, isinstance(getattr(self, name), kind), f"must be a {kind.__name__}")
+        # The template's name is checked by conversation.get_template, which sits above this module.
+        _require(self, "conv_template", isinstance(self.conv_template, str) and self.conv_template != "",
+                 "must name a conversation template")
+        _require(self, "image_aspect_ratio", self.image_aspect_ratio in ("pad", "crop"), "choose 'pad' or 'crop'")
+        _require(self, "mm_use_im_start_end", isinstance(self.mm_use_im_start_end, bool), "must be true or false")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -96,7 +168,7 @@ class LlavaConfig:
             names = {f.name for f in dataclasses.fields(kind)}
             unknown = set(values) - names
             if unknown:
-                raise ValueError(f"unknown {kind.__name__} field(s): {sorted(unknown)}")
+                raise ConfigError(f"unknown {kind.__name__} field(s): {sorted(unknown)}")
             return kind(**values)
 
         top = {k: v for k, v in d.items() if k not in ("vision", "projector", "decoder")}

@@ -31,7 +31,7 @@ question, and so does `build_prompt`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 from .config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .tokenizer import Tokenizer
@@ -39,6 +39,16 @@ from .tokenizer import Tokenizer
 IMAGE = "<image>"
 # LLaVA-Med v1's image markers, added to its vocabulary in this order (after LLaMA's 32000 pieces and [PAD]).
 IM_PATCH, IM_START, IM_END = "<im_patch>", "<im_start>", "<im_end>"
+
+
+class _Uniform(Protocol):  # random.Random or numpy's Generator
+    def random(self) -> float: ...
+
+
+def place_image(question: str, rng: _Uniform) -> str:
+    """The first question of a training record with the image before or after it, at random: the paper's
+    post-processing of its instruction data, so that neither position is learnt."""
+    return f"{IMAGE}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE}"
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")

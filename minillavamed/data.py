@@ -32,6 +32,7 @@ from PIL import Image
 
 from .config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .conversation import IMAGE, Template, tokenize_conversation
+from .records import load_records, located_records
 from .tokenizer import Tokenizer
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -140,35 +141,6 @@ class ImageProcessor:
 
 # ---------------------------------------------------------------------------------------------- records
 
-def load_records(path: str | os.PathLike) -> list[dict]:
-    """A JSON array or a JSON-lines file of records, read unmodified; errors name the file and line."""
-    return [r for _, r in located_records(path)]
-
-
-def located_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
-    """(where, record) pairs: `file:line` for JSON lines, `file[index]` for a JSON array."""
-    path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            numbered = [(f"{path}[{k}]", r) for k, r in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {e.lineno}: malformed JSON: {e.msg}") from None
-    else:
-        numbered = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    numbered.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: malformed JSON: {e.msg}") from None
-    for k, (where, r) in enumerate(numbered):
-        if not isinstance(r, dict):
-            raise ValueError(f"{where}: record {k} is not a JSON object")
-    return numbered
-
-
 def record_problem(record: dict) -> str | None:
     """What is wrong with a record's shape, or None: what the dataset would otherwise train on silently
     changed (the literal text "<image>", the word "None") or fail on later without naming the record."""
@@ -208,11 +180,6 @@ def conversations_of(record: dict, where: str = "") -> list[dict]:
     if not isinstance(conv, list) or not conv:
         raise ValueError(f"{where}record {record.get('id', '?')!r} has an empty 'conversations' list")
     return conv
-
-
-def image_positions(vision) -> int:
-    """Decoder positions one image takes: its patches, plus the class token under select_feature="cls_patch"."""
-    return vision.num_patches + (vision.select_feature == "cls_patch")
 
 
 def expanded_length(ids: Sequence[int], num_image_tokens: int) -> int:
@@ -322,8 +289,8 @@ def check_data(files: Sequence[str | os.PathLike], image_root: str | os.PathLike
 class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA-Med records (alignment, instruct or VQA) → dict(input_ids, labels, pixel_values).
 
-    `num_image_tokens` is how many decoder positions the model gives one image (256 for CLIP-L/14 at 224,
-    576 at 336); truncation to `max_len` counts them. `dropped` counts the samples left out and why.
+    `num_image_tokens` is how many decoder positions the model gives one image (its VisionConfig's
+    tokens_per_image: 256 for CLIP-L/14 at 224, 576 at 336); truncation to `max_len` counts them. `dropped` counts the samples left out and why.
     `im_start_end` is the model config's mm_use_im_start_end (LLaVA-Med v1's image layout, conversation.py).
     With `skip_bad_images`, an unreadable image makes the item None (collate drops it and counts it in
     the batch's "skipped"); otherwise the error names the file.
@@ -386,8 +353,8 @@ def collate(batch: Sequence[dict | None], pad_id: int, pack: bool = False,
 
     Right padding: input_ids / labels (B, T) padded with pad_id / IGNORE_INDEX, attention_mask (B, T).
     pack=True: one row holding every sample back to back, for the varlen attention kernel, with
-    `cu_seqlens` (int32, B+1) and `position_ids` (1, L) restarting at 0 for each sample, both in decoder
-    positions after each sentinel became `num_image_tokens` patches; `max_seqlen` is the longest sample.
+    `cu_seqlens` (int32, B+1), the sample boundaries in decoder positions after each sentinel became
+    `num_image_tokens` patches (the model restarts positions at each); `max_seqlen` is the longest sample.
     pixel_values: (N, 3, H, W) for the N samples that have an image, in batch order (None if none).
     """
     items = [b for b in batch if b is not None]
@@ -402,7 +369,6 @@ def collate(batch: Sequence[dict | None], pad_id: int, pack: bool = False,
         out["input_ids"] = torch.cat([b["input_ids"] for b in items])[None]
         out["labels"] = torch.cat([b["labels"] for b in items])[None]
         out["cu_seqlens"] = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        out["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None]
         out["max_seqlen"] = max(lengths)
         return out
     longest = max(len(b["input_ids"]) for b in items)
@@ -417,16 +383,6 @@ def collate(batch: Sequence[dict | None], pad_id: int, pack: bool = False,
 
 
 # ------------------------------------------------------------------------------------------------- VQA
-
-def load_questions(path: str | os.PathLike) -> list[dict]:
-    """A question file for answering: JSON lines {"question_id", "image", "text", "answer_type"?}."""
-    questions = load_records(path)
-    for n, q in enumerate(questions, 1):
-        missing = [k for k in ("question_id", "text") if k not in q]
-        if missing:
-            raise ValueError(f"{os.fspath(path)}: question {n} lacks {missing}")
-    return questions
-
 
 def questions_from_vqa(records: Sequence[dict]) -> list[dict]:
     """Our VQA records → question dicts for answering, with the reference answer kept as "answer"."""
@@ -455,22 +411,29 @@ def vqa_record(qid: str, image: str, question: str, answer: str, answer_type: st
             "answer_type": answer_type}
 
 
-def convert_vqa_rad(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[str, str]:
-    """The official VQA-RAD release → `out_dir/{train,test}.json` in our VQA format (images stay in
-    `src_dir/images`). Test = phrase_type test_freeform or test_para; the rest is training."""
-    src = os.path.join(os.fspath(src_dir), VQA_RAD_FILE)
+def vqa_rad_splits(entries: Sequence[dict], source: str) -> dict[str, list[dict]]:
+    """The entries of the VQA-RAD release (`VQA_RAD_FILE`) as our VQA records, split the official way:
+    test = phrase_type test_freeform or test_para, the rest is training. `source` names the file in errors."""
     splits: dict[str, list[dict]] = {"train": [], "test": []}
-    for k, e in enumerate(load_records(src)):
+    for k, e in enumerate(entries):
         missing = [f for f in ("qid", "image_name", "question", "answer", "answer_type", "phrase_type")
                    if f not in e]
         if missing:
-            raise ValueError(f"{src}: entry {k} lacks {missing}")
+            raise ValueError(f"{source}: entry {k} lacks {missing}")
         answer_type = e["answer_type"].strip().upper()  # two entries say "CLOSED " with a space
         if answer_type not in ("OPEN", "CLOSED"):
-            raise ValueError(f"{src}: entry {k} has answer_type {e['answer_type']!r}")
+            raise ValueError(f"{source}: entry {k} has answer_type {e['answer_type']!r}")
         split = "test" if e["phrase_type"] in VQA_RAD_TEST_PHRASES else "train"
         splits[split].append(vqa_record(str(e["qid"]), e["image_name"], e["question"].strip(),
                                         str(e["answer"]).strip(), answer_type))
+    return splits
+
+
+def convert_vqa_rad(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[str, str]:
+    """The official VQA-RAD release → `out_dir/{train,test}.json` in our VQA format (images stay in
+    `src_dir/images`), split by `vqa_rad_splits`."""
+    src = os.path.join(os.fspath(src_dir), VQA_RAD_FILE)
+    splits = vqa_rad_splits(load_records(src), src)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for name, records in splits.items():

@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one call: a decode step runs nine of these per token (tiny preset)
+        if x.dtype == torch.float32:  # one call: decoding a small model is bound by the number of calls
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalize in fp32 even under bf16: the mean of squares loses too much precision otherwise. The
         # weight multiplies after the cast back, as in the released models' code.
@@ -79,8 +79,8 @@ class KVCache:
 def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """x through a projection: F.linear on a plain nn.Linear's weight, else the module (a QuantizedLinear).
 
-    F.linear rather than calling the module: a module call adds about a third to each product when decoding
-    the tiny preset on a CPU.
+    F.linear rather than calling the module: a module call's overhead is a large part of each small product
+    when decoding (bench/RESULTS.md, "Speed choices").
     """
     return F.linear(x, module.weight) if type(module) is nn.Linear else module(x)
 
@@ -160,7 +160,7 @@ class Decoder(nn.Module):
         `key_padding_mask` (batch, cached + seqlen) marks real tokens; `cu_seqlens` marks the boundaries of
         samples packed into one row (batch must be 1 then). `last_only` returns the last position alone
         (batch, 1, dim), all generation needs: the last block then computes the other positions' keys and
-        values for the cache and nothing more (a fifth of a prefill for the tiny preset's four blocks).
+        values for the cache and nothing more.
         """
         if last_only and cu_seqlens is not None:
             raise ValueError("last_only is for generation; packed rows (cu_seqlens) hold several last positions")

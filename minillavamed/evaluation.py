@@ -1,4 +1,4 @@
-"""Evaluation (paper §5): LLaVA-Med's VQA metrics and the GPT-4-judged conversation evaluation.
+"""Evaluation (paper §5): LLaVA-Med's VQA metrics (the GPT-4-judged conversations are judge.py's).
 
 VQA. The reference (microsoft/LLaVA-Med v1.0.0, llava/eval/run_eval_batch.py + eval_metrics/) lower-cases and
 normalises both answers (VQA-style: punctuation, number words, articles, contractions), then reports
@@ -18,25 +18,17 @@ the answer's form rather than its content.
 Exact match (normalised strings equal) and token F1 (SQuAD-style, clipped counts) are ours; the reference's
 "exact match score" is a different quantity and is not reproduced.
 
-Judge. A text-only model answers each question from the figure caption and context (the reference answer,
-unless the question file carries one in "gpt4_answer"); the judge rates both answers 1-10 for helpfulness,
-relevance, accuracy and level of detail (0-10: a 0 counts, leaving it out would raise the model's mean); relative
-score = mean over questions of model / reference x 100, as LLaVA-Med's scripts average per-question ratios, and
-beside it the ratio of the mean scores that LLaVA's summarize_gpt_review.py reports; by question type, by
-domain (the first true one in LLaVA-Med's get_domain order) and overall. Its record shapes are qa50's.
-
 python -m minillavamed.evaluation vqa --gt GT.json --answers ANSWERS.jsonl [--out SCORES.json]
-python -m minillavamed.evaluation judge --questions Q.jsonl --answers ANSWERS.jsonl --model NAME [--base_url URL]
 """
 
 import argparse
-import asyncio
 import json
 import re
 import sys
 from collections import Counter, defaultdict
 
-from minillavamed import instruct
+from minillavamed.data import conversations_of, vqa_rad_splits
+from minillavamed.records import load_records, located_records
 
 # ----------------------------------------------------------------------------- answer normalisation
 
@@ -134,16 +126,6 @@ def token_f1(pred: str, gt: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def vqa_rad_test_split(path: str) -> list[dict]:
-    """The official VQA-RAD test split (phrase_type test_freeform / test_para) as LLaVA-format ground truth."""
-    with open(path, encoding="utf-8") as f:
-        release = json.load(f)
-    return [{"id": str(r["qid"]), "image": r["image_name"], "answer_type": r["answer_type"].strip(),
-             "conversations": [{"from": "human", "value": "<image>\n" + r["question"]},
-                               {"from": "gpt", "value": str(r["answer"])}]}
-            for r in release if r["phrase_type"] in ("test_freeform", "test_para")]
-
-
 # answer_type values of the released files: VQA-RAD/SLAKE use CLOSED/OPEN; LLaVA-Med's PathVQA scripts
 # (run_eval_pvqa.py) also read "yes/no" as closed and "other"/"number" as open.
 ANSWER_KINDS = {"CLOSED": "CLOSED", "YES/NO": "CLOSED", "OPEN": "OPEN", "OTHER": "OPEN", "NUMBER": "OPEN"}
@@ -153,17 +135,12 @@ def answer_kind(record: dict) -> str:
     return ANSWER_KINDS[str(record["answer_type"]).strip().upper()]
 
 
-def conversations_of(record: dict) -> list:
-    """A record's turns; LLaVA-Med's evaluation scripts also read the misspelt "conversatons"."""
-    return record["conversations"] if "conversations" in record else record["conversatons"]
-
-
 def load_ground_truth(path: str) -> list[dict]:
-    """LLaVA-format VQA ground truth (JSON array), or the VQA-RAD release file (its official test split)."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if data and isinstance(data, list) and "phrase_type" in data[0]:
-        return vqa_rad_test_split(path)
+    """LLaVA-format VQA ground truth (a JSON array or JSON lines), or the VQA-RAD release file (its official
+    test split); errors name the file and the record."""
+    data = load_records(path)
+    if data and "phrase_type" in data[0]:
+        return vqa_rad_splits(data, path)["test"]
     for i, r in enumerate(data):
         for key in ("id", "answer_type"):
             if key not in r:
@@ -182,18 +159,14 @@ def load_ground_truth(path: str) -> list[dict]:
 def load_answers(path: str) -> dict[str, str]:
     """question_id -> text from a JSONL answers file (sample.py's output); duplicates are an error."""
     answers = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                qid, text = str(row["question_id"]), row["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with question_id and text ({e})") from None
-            if qid in answers:
-                raise ValueError(f"{path}:{n}: duplicate question_id {qid!r}")
-            answers[qid] = text
+    for where, row in located_records(path):
+        try:
+            qid, text = str(row["question_id"]), row["text"]
+        except KeyError as e:
+            raise ValueError(f"{where}: expected a JSON object with question_id and text ({e})") from None
+        if qid in answers:
+            raise ValueError(f"{where}: duplicate question_id {qid!r}")
+        answers[qid] = text
     return answers
 
 
@@ -256,136 +229,6 @@ def vqa_table(result: dict) -> str:
     return format_table(["type"] + keys, [[g] + [s[k] for k in keys] for g, s in result["scores"].items()])
 
 
-# ----------------------------------------------------------------------------- GPT-4-judged conversations
-
-REFERENCE_SYSTEM = ("You are a biomedical expert. You cannot see the figure, but you are given its caption and "
-                    "the sentences of the article that mention it. Answer the user's question about the figure "
-                    "as if you were looking at it, without mentioning the caption or the text.")
-JUDGE_SYSTEM = "You are a careful, impartial reviewer of answers to questions about biomedical images."
-JUDGE_INSTRUCTION = (
-    "Two AI assistants answered the question above about a biomedical image. You cannot see the image; the "
-    "caption and context describe it. Rate each answer for helpfulness, relevance, accuracy and level of detail, "
-    "as one overall score from 1 to 10 (higher is better).\n"
-    "On the first line write only the two scores, Assistant 1 first, separated by a space. From the next line "
-    "on, explain your rating; the order of the answers must not influence it.")
-
-
-def _context_text(q: dict) -> str:
-    # in_text_mention as a string, a list of strings or of {"tokens": ...} dicts (instruct.mention_texts).
-    return instruct.figure_context(q, inline_mentions=True)
-
-
-def question_text(q: dict) -> str:
-    """The question without its "<image>" marker (qa50's texts end in "\n<image>", which v1.0's
-    eval_multimodal_chat_gpt_score.py cut off with [:-8])."""
-    return q["text"].replace("<image>", "").strip()
-
-
-def reference_messages(q: dict) -> list[dict]:
-    """The text-only reference answer's request: caption + context + the question, no image."""
-    return [{"role": "system", "content": REFERENCE_SYSTEM},
-            {"role": "user", "content": f"{_context_text(q)}\n\nQuestion: {question_text(q)}"}]
-
-
-def judge_messages(q: dict, reference_answer: str, model_answer: str) -> list[dict]:
-    """Assistant 1 is the reference, Assistant 2 the model, as in the reference's fixed order."""
-    body = (f"[Context]\n{_context_text(q)}\n\n[Question]\n{question_text(q)}\n\n"
-            f"[Assistant 1]\n{reference_answer}\n[End of Assistant 1]\n\n"
-            f"[Assistant 2]\n{model_answer}\n[End of Assistant 2]\n\n[Instruction]\n{JUDGE_INSTRUCTION}")
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": body}]
-
-
-def parse_judge_scores(text: str) -> tuple[float, float]:
-    """The two scores on the reply's first non-empty line ("8 6", "8/10 6/10", "Assistant 1: 8, Assistant 2: 6").
-
-    0 is a score like any other (the judge gives it to an empty or off-topic answer); leaving it out, as an
-    earlier version did, raised the model's mean. The reference scripts take whatever number is there."""
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    stripped = re.sub(r"/\s*10\b", " ", re.sub(r"assistant\s*[12]", " ", first, flags=re.IGNORECASE))
-    nums = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", stripped)]
-    if len(nums) != 2 or not all(0 <= x <= 10 for x in nums):
-        raise ValueError(f"expected two scores 0-10 on the first line of the review, got {first[:80]!r}")
-    return nums[0], nums[1]
-
-
-# The order in which LLaVA-Med's summary scripts (get_domain) look for the first true domain.
-DOMAIN_ORDER = ("chest_xray", "mri", "histology", "gross", "ct_scan")
-
-
-def question_domain(q: dict) -> str:
-    domain = q.get("domain")
-    if isinstance(domain, dict):  # LLaVA-Med's {"chest_xray": true, "mri": false, ...}
-        ordered = [d for d in DOMAIN_ORDER if d in domain] + [d for d in domain if d not in DOMAIN_ORDER]
-        return next((d for d in ordered if domain[d]), "unknown")
-    return domain or "unknown"
-
-
-async def judge_answers(questions: list[dict], answers: dict[str, str], client: instruct.ChatClient,
-                        concurrency: int = 4) -> list[dict]:
-    """One review row per question; errors (API, unparseable review, missing answer) are kept in the row."""
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one(q: dict) -> dict:
-        qid = str(q["question_id"])
-        row = {"question_id": qid, "type": q.get("type", "unknown"), "domain": question_domain(q)}
-        if qid not in answers:
-            return {**row, "error": "missing answer"}
-        async with sem:
-            try:
-                ref = q.get("gpt4_answer") or await client.complete(reference_messages(q))
-                review = await client.complete(judge_messages(q, ref, answers[qid]))
-                ref_score, model_score = parse_judge_scores(review)
-            except (instruct.APIFailure, ValueError) as e:
-                return {**row, "error": instruct.redact(str(e))}
-        return {**row, "reference_answer": ref, "model_answer": answers[qid], "review": review,
-                "reference_score": ref_score, "model_score": model_score}
-
-    return list(await asyncio.gather(*(one(q) for q in questions)))
-
-
-def summarize_judgments(rows: list[dict]) -> dict:
-    """Mean scores and the relative score by type, by domain and overall, both ways the reference computes it:
-    `relative_score`, the mean of per-question model/reference x 100 (LLaVA-Med's
-    eval_multimodal_chat_gpt_score.py, main's summarize_gpt_review.py: the paper's numbers), and
-    `relative_of_means`, mean model score / mean reference score x 100 (LLaVA's summarize_gpt_review.py, also
-    in v1.0). A question whose reference answer scored 0 has no ratio: it is left out of `relative_score`
-    only (the reference scripts would divide by zero) and counted in `n_no_ratio`."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        if "error" not in r:
-            for g in (f"type:{r['type']}", f"domain:{r['domain']}", "overall"):
-                groups[g].append(r)
-    out = {}
-    for g, rs in sorted(groups.items(), key=lambda kv: (kv[0] == "overall", kv[0])):
-        ref = sum(r["reference_score"] for r in rs) / len(rs)
-        model = sum(r["model_score"] for r in rs) / len(rs)
-        ratios = [r["model_score"] / r["reference_score"] for r in rs if r["reference_score"] > 0]
-        out[g] = {"n": len(rs), "reference_score": ref, "model_score": model,
-                  "relative_score": 100 * sum(ratios) / len(ratios) if ratios else None,
-                  "relative_of_means": 100 * model / ref if ref > 0 else None,
-                  "n_no_ratio": len(rs) - len(ratios)}
-    return {"groups": out, "errors": {r["question_id"]: r["error"] for r in rows if "error" in r}}
-
-
-def judge_table(summary: dict) -> str:
-    keys = ["n", "reference_score", "model_score", "relative_score", "relative_of_means"]
-    return format_table(["group"] + keys, [[g] + [s[k] for k in keys] for g, s in summary["groups"].items()])
-
-
-def load_judge_questions(path: str) -> list[dict]:
-    """Judge questions (JSONL, LLaVA-Med's qa50 layout); errors name the file and line."""
-    questions = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                q = json.loads(line)
-                for key in ("question_id", "text", "fig_caption"):
-                    if key not in q:
-                        raise ValueError(f"{path}:{n}: missing '{key}'")
-                questions.append(q)
-    return questions
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -396,62 +239,21 @@ def main(argv: list[str] | None = None) -> int:
     given.add_argument("--majority", help="score the majority-answer baseline fitted on this training VQA file")
     v.add_argument("--out", help="write the scores (and per-question rows) as JSON")
     v.add_argument("--substring_compat", action="store_true", help="the reference's substring rule and recall")
-    j = sub.add_parser("judge", help="GPT-4-judged conversation evaluation")
-    j.add_argument("--questions", required=True, help="JSONL: question_id, text, type, domain, fig_caption, ...")
-    j.add_argument("--answers", required=True, help="JSONL with question_id and text")
-    j.add_argument("--model", required=True, help="judge (and reference answer) model or Azure deployment")
-    j.add_argument("--base_url", help="OpenAI-compatible endpoint; the key comes from OPENAI_API_KEY")
-    j.add_argument("--reviews", help="write one review per question (JSONL)")
-    j.add_argument("--out", help="write the summary as JSON")
-    j.add_argument("--concurrency", type=int, default=4)
-    j.add_argument("--max_retries", type=int, default=5)
-    j.add_argument("--timeout", type=float, default=60.0)
-    j.add_argument("--backoff_base", type=float, default=1.0)
     args = p.parse_args(argv)
 
-    if args.command == "vqa":
-        gt = load_ground_truth(args.gt)
-        answers = (majority_answers(load_ground_truth(args.majority), gt) if args.majority
-                   else load_answers(args.answers))
-        result = score_vqa(gt, answers, args.substring_compat)
-        print(vqa_table(result))
-        if result["missing_ids"]:
-            print(f"{len(result['missing_ids'])} questions have no answer (scored as wrong): "
-                  f"{', '.join(result['missing_ids'][:10])}{' ...' if len(result['missing_ids']) > 10 else ''}")
-        if result["unexpected_answer_ids"]:
-            print(f"{len(result['unexpected_answer_ids'])} answers match no question and were ignored")
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=1, ensure_ascii=False)
-        return 0
-
-    cfg = instruct.ClientConfig(model=args.model, base_url=args.base_url, temperature=0.0, timeout=args.timeout,
-                                max_retries=args.max_retries, backoff_base=args.backoff_base)
-
-    async def run() -> list[dict]:
-        client = instruct.ChatClient(cfg)
-        try:
-            return await judge_answers(load_judge_questions(args.questions), load_answers(args.answers), client,
-                                       args.concurrency)
-        finally:
-            await client.close()
-
-    try:
-        rows = asyncio.run(run())
-    except instruct.FatalAPIError as e:
-        print(f"error: {instruct.redact(str(e))}", file=sys.stderr)
-        return 2
-    summary = summarize_judgments(rows)
-    print(judge_table(summary))
-    if summary["errors"]:
-        print(f"{len(summary['errors'])} questions not scored (excluded): "
-              + "; ".join(f"{k}: {v}" for k, v in list(summary["errors"].items())[:5]))
-    if args.reviews:
-        with open(args.reviews, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    gt = load_ground_truth(args.gt)
+    answers = (majority_answers(load_ground_truth(args.majority), gt) if args.majority
+               else load_answers(args.answers))
+    result = score_vqa(gt, answers, args.substring_compat)
+    print(vqa_table(result))
+    if result["missing_ids"]:
+        print(f"{len(result['missing_ids'])} questions have no answer (scored as wrong): "
+              f"{', '.join(result['missing_ids'][:10])}{' ...' if len(result['missing_ids']) > 10 else ''}")
+    if result["unexpected_answer_ids"]:
+        print(f"{len(result['unexpected_answer_ids'])} answers match no question and were ignored")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
+            json.dump(result, f, indent=1, ensure_ascii=False)
     return 0
 
 

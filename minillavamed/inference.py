@@ -2,9 +2,9 @@
 
 `Assistant` bundles what a question needs besides the weights: the tokenizer, the conversation template
 the model was tuned with, and the image preprocessing it was trained on. `answer()` renders the prompts,
-left-pads a batch, runs `LlavaMed.generate` (the project's one sampling routine) and cuts each reply at
-the template's stop strings. sample.py, train.py's periodic VQA evaluation and the evaluation CLI all
-answer through here, so they can never disagree on how a prompt is built.
+runs them as one batch through `LlavaMed.generate` (the project's one sampling routine) and cuts each reply
+at the template's stop strings (llava.StopStrings). sample.py, train.py's periodic VQA evaluation and the
+evaluation CLI all answer through here, so they can never disagree on how a prompt is built.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from PIL import Image
 from minillavamed.checkpoint import CheckpointError, check_vocab
 from minillavamed.conversation import Template, build_prompt, get_template, tokenize_prompt
 from minillavamed.data import ImageLoadError, ImageProcessor, load_image
-from minillavamed.llava import LlavaMed
+from minillavamed.llava import LlavaMed, StopStrings
 from minillavamed.tokenizer import Tokenizer
 
 
@@ -73,17 +73,17 @@ class Assistant:
     ) -> list[str]:
         """One reply per question; `histories` holds earlier (question, answer) turns of each chat."""
         histories = histories or [()] * len(questions)
-        ids, mask = left_pad([self.prompt_ids(q, im is not None, h) for q, im, h in zip(questions, images, histories)],
-                             self.tokenizer.pad_id)
+        prompts = [self.prompt_ids(q, im is not None, h) for q, im, h in zip(questions, images, histories)]
         pixels = [self.processor(im) for im in images if im is not None]
         pixel_values = torch.stack(pixels).to(self.device) if pixels else None
         dtype = next(self.model.parameters()).dtype
+        stops = self.stops()
         out = self.model.generate(
-            ids.to(self.device), None if pixel_values is None else pixel_values.to(dtype), mask.to(self.device),
+            prompts, None if pixel_values is None else pixel_values.to(dtype),
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            eos_id=self.tokenizer.eos_id, stop_strings=self.template.stop_strings, decode=self.tokenizer.decode,
+            eos_id=self.tokenizer.eos_id, stop_strings=stops.strings, decode=stops.decode,
             generator=generator, on_token=on_token, vocab_size=self.tokenizer.vocab_size)
-        return [self.cut(self.tokenizer.decode(o)) for o in out]
+        return [stops.cut(self.tokenizer.decode(o)) for o in out]
 
     def prompt_ids(self, question: str, with_image: bool, history: Sequence[tuple[str, str]] = (),
                    system: str | None = None) -> list[int]:
@@ -93,11 +93,9 @@ class Assistant:
         return tokenize_prompt(build_prompt(template, question, history, with_image=with_image, im_start_end=v1),
                                self.tokenizer, with_image=with_image, im_start_end=v1)
 
-    def cut(self, text: str) -> str:
-        """The reply without its stop string and anything after it."""
-        for stop in self.template.stop_strings:
-            text = text.split(stop)[0]
-        return text.strip()
+    def stops(self, extra: Sequence[str] = ()) -> StopStrings:
+        """The template's stop strings, then `extra` ones (a request's), read with this tokenizer."""
+        return StopStrings(tuple(self.template.stop_strings) + tuple(extra), self.tokenizer.decode)
 
 
 def device_arg(name: str) -> str:
@@ -114,22 +112,19 @@ def device_arg(name: str) -> str:
     return name
 
 
+def default_dtype(device: str, quantize: str | None = None) -> str:
+    """The scripts' --dtype when it is left out: bfloat16 on GPUs (what their fast kernels and LLaVA-Med's
+    weights are) and under weight-only quantisation (its layers run fastest on bf16 activations,
+    bench/local_7b.py), else float32."""
+    return "bfloat16" if device.startswith("cuda") or quantize is not None else "float32"
+
+
 def check_finite(model: LlavaMed, where) -> None:
     """NaN or inf weights answer with garbage or nothing at all: refuse them, naming the first tensor."""
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise CheckpointError(f"{where}: weight {name} holds NaN or inf values; the checkpoint is broken "
                                   "(a diverged run saves none: take an earlier checkpoint)")
-
-
-def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask) of prompt rows padded on the left: every row's next token comes at the same column."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
-    return ids, mask
 
 
 def answer_questions(

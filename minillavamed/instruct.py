@@ -2,24 +2,17 @@
 
 A language-only model is shown a figure's caption (and, for the "inline mention" variant, the sentences of the
 paper that cite the figure) and writes a conversation about the figure as if both sides could see it. This file
-holds every piece of that except the run loop: the system prompt, our own few-shot examples for the five
-domains (chest X-ray, CT, MRI, histology, gross pathology), query building, reply parsing and post-processing
-into LLaVA conversation records, the concept-alignment records of stage 1, the resumable JSONL files, and the
-asynchronous OpenAI-compatible client (retries, backoff, Retry-After, timeouts) that the judge evaluation
-in evaluation.py shares.
+holds every piece of that but the run loop (generate_data.py) and the API client (api.py): the system prompt,
+our own few-shot examples for the five domains (chest X-ray, CT, MRI, histology, gross pathology), query
+building, reply parsing and post-processing into LLaVA conversation records, and the concept-alignment records
+of stage 1.
 """
 
-import asyncio
-import email.utils
 import itertools
-import json
-import os
 import random
 import re
-import time
-from dataclasses import dataclass
 
-import openai
+from minillavamed.conversation import place_image
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -281,11 +274,6 @@ def clean_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
-def _image_first_turn(question: str, rng: random.Random) -> str:
-    # The paper places the image before or after the first question at random so neither position is learned.
-    return f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
-
-
 def record_rng(seed: int, pair_id: str) -> random.Random:
     """A per-record generator: choices stay the same whatever the order or concurrency of a (resumed) run."""
     return random.Random(f"{seed}:{pair_id}")
@@ -307,7 +295,7 @@ def to_llava_record(record: dict, reply: str, rng: random.Random) -> dict:
                          "or cited the caption)")
     conv = []
     for i, (q, a) in enumerate(pairs):
-        conv.append({"from": "human", "value": _image_first_turn(q, rng) if i == 0 else q})
+        conv.append({"from": "human", "value": place_image(q, rng) if i == 0 else q})
         conv.append({"from": "gpt", "value": a})
     return _llava_record(record, conv)
 
@@ -315,202 +303,5 @@ def to_llava_record(record: dict, reply: str, rng: random.Random) -> dict:
 def alignment_record(record: dict, rng: random.Random) -> dict:
     """Concept-alignment record (stage 1): a sampled "describe the figure" instruction -> the caption."""
     instruction = rng.choice(DESCRIBE_INSTRUCTIONS)
-    return _llava_record(record, [{"from": "human", "value": _image_first_turn(instruction, rng)},
+    return _llava_record(record, [{"from": "human", "value": place_image(instruction, rng)},
                                   {"from": "gpt", "value": record["fig_caption"].strip()}])
-
-
-# ----------------------------------------------------------------------------- resumable JSONL files
-
-def read_jsonl_resume(path: str) -> list[dict]:
-    """Rows of a JSONL file this tool appends to. A torn last line (process killed mid-write) is cut away so
-    its record is redone; a bad line elsewhere is corruption we did not cause and raises, naming the line."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    rows, good_end, pos = [], 0, 0
-    lines = data.split(b"\n")
-    for i, line in enumerate(lines):
-        end = pos + len(line) + (1 if i < len(lines) - 1 else 0)
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                if any(rest.strip() for rest in lines[i + 1:]):
-                    raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg}); fix or remove this line") from None
-                with open(path, "r+b") as f:
-                    f.truncate(good_end)
-                return rows
-            if i == len(lines) - 1:  # complete JSON but no newline: finish the line so appends stay separate
-                with open(path, "ab") as f:
-                    f.write(b"\n")
-        good_end, pos = end, end
-    return rows
-
-
-class JsonlAppender:
-    """Append-only JSONL writer: one line per record, flushed at once, fsynced every few lines or seconds so a
-    crash loses at most the unsynced tail, which the next run redoes."""
-
-    def __init__(self, path: str, fsync_every: int = 50, fsync_seconds: float = 5.0):
-        self.f = open(path, "a", encoding="utf-8")
-        self.fsync_every, self.fsync_seconds = fsync_every, fsync_seconds
-        self.unsynced, self.last_sync = 0, time.monotonic()
-
-    def write(self, row: dict) -> None:
-        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")  # one write call per line
-        self.f.flush()
-        self.unsynced += 1
-        if self.unsynced >= self.fsync_every or time.monotonic() - self.last_sync > self.fsync_seconds:
-            self.sync()
-
-    def sync(self) -> None:
-        os.fsync(self.f.fileno())
-        self.unsynced, self.last_sync = 0, time.monotonic()
-
-    def close(self) -> None:
-        self.f.flush()
-        self.sync()
-        self.f.close()
-
-
-# ----------------------------------------------------------------------------- the API client
-
-SECRET_ENV_VARS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY")
-
-
-def redact(text: str) -> str:
-    """Remove API keys from any text that may reach a log, an output file or an exception message."""
-    for var in SECRET_ENV_VARS:
-        key = os.environ.get(var)
-        if key:
-            text = text.replace(key, "[redacted]")
-    return text
-
-
-class APIFailure(Exception):
-    """A request that failed for good (retries exhausted, or an error retrying cannot fix); str() is safe to log.
-    `kind` says what failed last: "connection" (no server answered, so nothing was paid for: a re-run
-    retries it), "timeout", "rate_limit", "server", "malformed", "client" (another 4xx) or "refusal"."""
-
-    def __init__(self, message: str, kind: str = "client"):
-        super().__init__(message)
-        self.kind = kind
-
-
-class _MalformedResponse(Exception):
-    """A 200 response without a usable message: retried like a server error."""
-
-
-class FatalAPIError(Exception):
-    """Authentication, permission or unknown-model errors: every further request would fail the same way."""
-
-
-@dataclass
-class ClientConfig:
-    model: str
-    base_url: str | None = None  # None: Azure if AZURE_OPENAI_ENDPOINT is set, else the openai default
-    temperature: float = 0.7
-    max_tokens: int = 1024
-    timeout: float = 60.0  # seconds per request
-    max_retries: int = 5
-    backoff_base: float = 1.0  # seconds; attempt k waits about base * 2**k (with jitter)
-    backoff_max: float = 60.0
-
-
-def make_openai_client(base_url: str | None, timeout: float) -> openai.AsyncOpenAI:
-    # Retries are ours (max_retries=0): we honour Retry-After, count attempts per record and report reasons.
-    if base_url is None and os.environ.get("AZURE_OPENAI_ENDPOINT"):
-        # Reads AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY and OPENAI_API_VERSION; --model is the deployment.
-        return openai.AsyncAzureOpenAI(timeout=timeout, max_retries=0)
-    if not os.environ.get("OPENAI_API_KEY"):
-        raise FatalAPIError("OPENAI_API_KEY is not set (for a local server without keys set it to any value)")
-    return openai.AsyncOpenAI(base_url=base_url, api_key=os.environ["OPENAI_API_KEY"], timeout=timeout,
-                              max_retries=0)
-
-
-def retry_after_seconds(headers) -> float | None:
-    """Server-requested wait from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
-    if headers is None:
-        return None
-    if headers.get("retry-after-ms"):
-        try:
-            return float(headers["retry-after-ms"]) / 1000
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
-class ChatClient:
-    """Chat completions with retries: 429 (waits at least Retry-After), 5xx, timeouts, connection errors and
-    malformed responses are retried with exponential backoff and jitter; other 4xx fail the request at once;
-    auth/model errors abort the run. Counts tokens for progress and cost."""
-
-    def __init__(self, cfg: ClientConfig, api: openai.AsyncOpenAI | None = None):
-        self.cfg = cfg
-        self.api = api or make_openai_client(cfg.base_url, cfg.timeout)
-        self.prompt_tokens = self.completion_tokens = self.requests = 0
-
-    def backoff(self, attempt: int) -> float:
-        delay = min(self.cfg.backoff_max, self.cfg.backoff_base * 2 ** attempt)
-        return delay / 2 + random.uniform(0, delay / 2)  # jitter spreads out workers that failed together
-
-    async def complete(self, messages: list[dict]) -> str:
-        last, kind = "no attempt made", "connection"
-        for attempt in range(self.cfg.max_retries + 1):
-            wait = self.backoff(attempt)
-            try:
-                self.requests += 1
-                resp = await self.api.chat.completions.create(
-                    model=self.cfg.model, messages=messages, temperature=self.cfg.temperature,
-                    max_tokens=self.cfg.max_tokens, timeout=self.cfg.timeout)
-                return self._reply_text(resp)
-            except openai.RateLimitError as e:
-                server_wait = retry_after_seconds(e.response.headers)
-                wait = max(wait, server_wait or 0.0)
-                last, kind = f"HTTP 429 rate limited (Retry-After {server_wait})", "rate_limit"
-            except openai.APITimeoutError:
-                last, kind = f"timed out after {self.cfg.timeout}s", "timeout"
-            except openai.APIConnectionError as e:
-                cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
-                last, kind = f"connection error: {e}{cause}", "connection"
-            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                raise FatalAPIError(redact(f"HTTP {e.status_code}: {e.message}")) from None
-            except openai.APIStatusError as e:
-                if e.status_code < 500 and e.status_code not in (408, 409):
-                    raise APIFailure(redact(f"HTTP {e.status_code}: {e.message}")) from None
-                last, kind = f"HTTP {e.status_code}: {e.message}", "server"
-            except (openai.APIResponseValidationError, ValueError, _MalformedResponse) as e:
-                last, kind = f"malformed response: {e}", "malformed"
-            if attempt < self.cfg.max_retries:
-                await asyncio.sleep(wait)
-        raise APIFailure(redact(f"gave up after {self.cfg.max_retries + 1} attempts; last error: {last}"), kind)
-
-    def _reply_text(self, resp) -> str:
-        usage = getattr(resp, "usage", None)
-        if usage is not None:
-            self.prompt_tokens += usage.prompt_tokens or 0
-            self.completion_tokens += usage.completion_tokens or 0
-        choices = getattr(resp, "choices", None)
-        if not choices:
-            raise _MalformedResponse("no choices in the response")
-        choice = choices[0]
-        if getattr(choice.message, "refusal", None):
-            raise APIFailure(redact(f"refusal: {choice.message.refusal[:200]}"), "refusal")
-        if choice.finish_reason == "content_filter":
-            raise APIFailure("refusal: stopped by the content filter", "refusal")
-        if not isinstance(choice.message.content, str) or not choice.message.content.strip():
-            raise _MalformedResponse("empty message content")
-        return choice.message.content
-
-    async def close(self) -> None:
-        await self.api.close()

@@ -10,7 +10,9 @@ With LLaVA-Med v1's layout (config mm_use_im_start_end) the sentinel sits betwee
 run of <im_patch> tokens with the patch features.
 
 `generate()` is the one sampling routine of the project (sample.py and evaluation both use it): a batched,
-left-padded prefill followed by one cached step per new token.
+left-padded prefill (`prefill()`, which the server's continuous batching also starts from) followed by one
+cached step per new token. `splice` is the one place prompt rows are padded; `StopStrings` is the one rule
+for where a reply ends, what it keeps and what of it may be streamed early.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillavamed import checkpoint
 from minillavamed.attention import BACKENDS
 from minillavamed.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaConfig
 from minillavamed.decoder import Decoder, KVCache
 from minillavamed.projector import Projector
+from minillavamed.quantize import QuantConfig, quantize_model
 from minillavamed.vit import VisionTower
 
 
@@ -33,12 +37,12 @@ class LlavaMed(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = VisionTower(cfg.vision)
-        self.projector = Projector(cfg.projector.type, cfg.vision.width, cfg.decoder.dim)
+        self.projector = Projector(cfg.projector, cfg.vision.width, cfg.decoder.dim)
         self.decoder = Decoder(cfg.decoder)
         self.quantization = None  # a QuantConfig once quantize() has replaced the linear layers
         self.apply(_init_weights)
 
-    # ---- loading and saving live in checkpoint.py; these are the public entry points ----
+    # ---- loading and saving live in checkpoint.py (which knows files and layouts); these are the entry points ----
     @classmethod
     def from_pretrained(cls, path, vision_tower=None, dtype=None, device=None, projector: str = "mlp2x_gelu",
                         quantize=None):
@@ -47,20 +51,14 @@ class LlavaMed(nn.Module):
 
         `quantize` ("int8", "int4", "int4-<group>" or a QuantConfig) quantises each layer as soon as it is
         read, so that memory never holds more than one layer in `dtype` besides the quantised rest."""
-        from minillavamed.checkpoint import load_model
+        return checkpoint.load_model(cls, path, vision_tower=vision_tower, dtype=dtype, device=device,
+                                     projector=projector, quantize=quantize)
 
-        return load_model(path, vision_tower=vision_tower, dtype=dtype, device=device, projector=projector,
-                          quantize=quantize)
-
-    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30) -> None:
-        from minillavamed.checkpoint import save_model
-
-        save_model(self, path, max_shard_bytes=max_shard_bytes)
+    def save_pretrained(self, path, max_shard_bytes: int = checkpoint.SHARD_BYTES) -> None:
+        checkpoint.save_model(self, path, max_shard_bytes=max_shard_bytes)
 
     def quantize(self, mode="int8") -> "LlavaMed":
         """Weight-only int8 / int4 for CPU sampling, in place (see quantize.py); returns the model."""
-        from minillavamed.quantize import QuantConfig, quantize_model
-
         if self.quantization is not None:
             raise ValueError(f"the model is already quantised ({self.quantization.mode})")
         self.quantization = QuantConfig.parse(mode)
@@ -78,27 +76,36 @@ class LlavaMed(nn.Module):
         return self.projector(self.vision(pixel_values))
 
     def splice(self, input_ids, pixel_values=None, attention_mask=None, labels=None, pad_left=False):
-        """Embed `input_ids` with each sentinel replaced by its image's features, in order of appearance.
+        """Embed the prompt rows with each sentinel replaced by its image's features, in order of appearance.
 
-        Returns (embeds, key_padding_mask, positions, labels); rows are re-padded (on the left for
-        generation) because a sentinel grows into num_patches positions. Positions count real tokens only,
-        as transformers' generate does, so that padding never shifts RoPE.
+        `input_ids` is a (batch, T) tensor whose real tokens `attention_mask` marks (all of them without one),
+        or a list of rows of their own lengths (prompts for generation). Returns (embeds, key_padding_mask,
+        positions, labels) with the rows laid out here, padded on the right, or on the left for generation
+        (every row's next token in the same column): a sentinel grows into tokens_per_image positions, so
+        any padding of `input_ids` is dropped first. Positions count real tokens only, as transformers'
+        generate does, so that padding never shifts RoPE.
         """
-        batch = input_ids.shape[0]
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        is_image = input_ids == IMAGE_TOKEN_INDEX
+        if torch.is_tensor(input_ids):
+            keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            id_rows = [ids[k] for ids, k in zip(input_ids, keep)]
+            label_rows = None if labels is None else [lab[k] for lab, k in zip(labels, keep)]
+        else:
+            device = self.decoder.embed.weight.device
+            id_rows = [torch.tensor(r, dtype=torch.long, device=device) for r in input_ids]
+            label_rows = None if labels is None else [torch.tensor(r, dtype=torch.long, device=device) for r in labels]
+        batch, flat = len(id_rows), torch.cat(id_rows)
+        is_image = flat == IMAGE_TOKEN_INDEX
         n_images = int(is_image.sum())
         n_given = 0 if pixel_values is None else pixel_values.shape[0]
         if n_images != n_given:
             raise ValueError(f"input_ids hold {n_images} image sentinel(s) ({IMAGE_TOKEN_INDEX}) but "
                              f"{n_given} image(s) were given")
-        text = self.decoder.embed(input_ids.masked_fill(is_image, 0))
-        features = self.image_features(pixel_values).to(text.dtype) if n_images else None
+        text = self.decoder.embed(flat.masked_fill(is_image, 0)).split([len(r) for r in id_rows])
+        features = self.image_features(pixel_values).to(text[0].dtype) if n_images else None
         rows, row_labels, used = [], [], 0
         for b in range(batch):
-            keep = mask[b]
-            ids, emb = input_ids[b][keep], text[b][keep]
-            lab = labels[b][keep] if labels is not None else None
+            ids, emb = id_rows[b], text[b]
+            lab = label_rows[b] if label_rows is not None else None
             pieces, lab_pieces, start = [], [], 0
             for p in (ids == IMAGE_TOKEN_INDEX).nonzero()[:, 0].tolist():
                 pieces += [emb[start:p], features[used]]
@@ -109,9 +116,9 @@ class LlavaMed(nn.Module):
             if lab is not None:
                 row_labels.append(torch.cat(lab_pieces + [lab[start:]]))
         length = max(r.shape[0] for r in rows)
-        embeds = text.new_zeros(batch, length, text.shape[-1])
-        new_mask = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
-        new_labels = None if labels is None else input_ids.new_full((batch, length), IGNORE_INDEX)
+        embeds = text[0].new_zeros(batch, length, text[0].shape[-1])
+        new_mask = torch.zeros(batch, length, dtype=torch.bool, device=flat.device)
+        new_labels = None if labels is None else flat.new_full((batch, length), IGNORE_INDEX)
         for b, r in enumerate(rows):
             span = slice(length - r.shape[0], length) if pad_left else slice(0, r.shape[0])
             embeds[b, span], new_mask[b, span] = r, True
@@ -182,7 +189,7 @@ class LlavaMed(nn.Module):
                 total += product(block.attn.wo.weight, positions)
                 grad = grad or trains(block.norm2)
                 total += product(block.fc1.weight, positions) + product(block.fc2.weight, positions)
-            per_image = v.num_patches + (v.select_feature == "cls_patch")
+            per_image = v.tokens_per_image
             for linear in self.projector.linears:
                 total += product(linear.weight, images * per_image)
             tokens = text_tokens + images * per_image
@@ -201,9 +208,20 @@ class LlavaMed(nn.Module):
         return total + product(dec.lm_head.weight, tokens)
 
     @torch.inference_mode()
+    def prefill(self, input_ids, pixel_values=None, attention_mask=None, room: int = 0):
+        """The prompts through the model at once, as generation begins: spliced and left-padded, their keys and
+        values cached with `room` positions to spare. Returns (each row's next-token logits (batch, vocab) in
+        fp32, the KVCache, the key padding mask (batch, cached length), each row's last position (batch, 1))."""
+        embeds, mask, positions, _ = self.splice(input_ids, pixel_values, attention_mask, pad_left=True)
+        batch, length = mask.shape
+        cache = KVCache(self.cfg.decoder, batch, length + room, embeds.dtype, embeds.device)
+        hidden = self.decoder(embeds, positions, None if bool(mask.all()) else mask, cache, last_only=True)
+        return self.decoder.lm_head(hidden[:, -1]).float(), cache, mask, positions[:, -1:]
+
+    @torch.inference_mode()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | Sequence[Sequence[int]],
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
@@ -218,7 +236,8 @@ class LlavaMed(nn.Module):
         on_token: Callable[[torch.Tensor, list[bool]], None] | None = None,
         vocab_size: int | None = None,
     ) -> list[list[int]]:
-        """New token ids for each prompt row (EOS excluded), `temperature` 0 meaning greedy.
+        """New token ids for each prompt row (EOS excluded), `temperature` 0 meaning greedy. The prompts are a
+        (batch, T) tensor with `attention_mask`, or a list of rows (see splice).
 
         A row stops at `eos_id` (default: the config's) or once its decoded text contains one of
         `stop_strings` (which needs `decode`); the stop string's tokens are kept for the caller to cut.
@@ -229,17 +248,14 @@ class LlavaMed(nn.Module):
         if stop_strings and decode is None:
             raise ValueError("stop_strings need a decode function to read the generated text")
         eos_id = self.cfg.decoder.eos_id if eos_id is None else eos_id
-        embeds, mask, positions, _ = self.splice(input_ids, pixel_values, attention_mask, pad_left=True)
-        batch, length = mask.shape
-        cache = KVCache(self.cfg.decoder, batch, length + max_new_tokens, embeds.dtype, embeds.device)
+        stops = StopStrings(stop_strings, decode)
+        logits, cache, mask, positions = self.prefill(input_ids, pixel_values, attention_mask, room=max_new_tokens)
+        batch = mask.shape[0]
         # Padded rows need a key mask; it is allocated once with room for the new (real) tokens, so that each
         # step passes a longer view of it.
         mask = torch.cat([mask, mask.new_ones(batch, max_new_tokens)], dim=1) if not bool(mask.all()) else None
-        hidden = self.decoder(embeds, positions, None if mask is None else mask[:, :length], cache, last_only=True)
-        logits = self.decoder.lm_head(hidden[:, -1]).float()
         out: list[list[int]] = [[] for _ in range(batch)]
         active = [True] * batch
-        tail = max((len(s) for s in stop_strings), default=0) + 4  # tokens enough to hold any stop string
         for step in range(max_new_tokens):
             tokens = sample_next(logits, temperature, top_k, top_p, generator, vocab_size)
             if on_token is not None:
@@ -251,7 +267,7 @@ class LlavaMed(nn.Module):
                     active[b] = False
                     continue
                 out[b].append(t)
-                if stop_strings and any(s in decode(out[b][-tail:]) for s in stop_strings):
+                if stops.reached(out[b]):
                     active[b] = False
             if not any(active) or step == max_new_tokens - 1:
                 break
@@ -260,6 +276,33 @@ class LlavaMed(nn.Module):
             hidden = self.decoder(self.decoder.embed(tokens[:, None]), positions, keys, cache)
             logits = self.decoder.lm_head(hidden[:, -1]).float()
         return out
+
+
+class StopStrings:
+    """Where a reply ends besides EOS: at the first of `strings` in its text (a template's, and a request's).
+    One rule for when generation stops a row, what the reply keeps, and what may be streamed before it ends."""
+
+    def __init__(self, strings: Sequence[str], decode: Callable[[list[int]], str] | None):
+        self.strings, self.decode = tuple(strings), decode
+        self.hold = max((len(s) for s in self.strings), default=0)  # characters that may begin a stop string
+
+    def reached(self, tokens: list[int]) -> bool:
+        """Whether the text of a reply's `tokens` holds a stop string; only the last few tokens, enough to
+        spell any of them, are decoded."""
+        return bool(self.strings) and any(s in self.decode(tokens[-(self.hold + 4):]) for s in self.strings)
+
+    def cut(self, text: str) -> str:
+        """The reply: `text` up to the first stop string, stripped."""
+        for s in self.strings:
+            text = text.split(s)[0].strip()
+        return text.strip()
+
+    def visible(self, text: str) -> str:
+        """What of an unfinished reply may be shown, a prefix of the reply whatever comes next: without the
+        last characters (they may begin a stop string), trailing spaces (the reply is stripped) and a character
+        still being spelled out in byte pieces (decoded as U+FFFD so far)."""
+        text = text.lstrip()
+        return text[:max(0, len(text) - self.hold)].rstrip().rstrip("\ufffd")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

@@ -7,29 +7,18 @@ stage 1 (biomedical concept alignment) this is the only part that trains.
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def projector_depth(kind: str) -> int:
-    """Number of linear layers for a projector name (`linear` = 1, `mlp2x_gelu` = 2, ...)."""
-    if kind == "linear":
-        return 1
-    m = re.fullmatch(r"mlp(\d+)x_gelu", kind)
-    if m is None or int(m.group(1)) < 1:
-        raise ValueError(f"unknown projector type {kind!r}; expected 'linear' or 'mlp<N>x_gelu'")
-    return int(m.group(1))
+from minillavamed.config import ProjectorConfig
 
 
 class Projector(nn.Module):
-    def __init__(self, kind: str, vision_width: int, text_dim: int):
+    def __init__(self, cfg: ProjectorConfig, vision_width: int, text_dim: int):
         super().__init__()
-        depth = projector_depth(kind)
         self.linears = nn.ModuleList(
-            nn.Linear(vision_width if i == 0 else text_dim, text_dim) for i in range(depth)
+            nn.Linear(vision_width if i == 0 else text_dim, text_dim) for i in range(cfg.depth)
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,10 @@
 `POST /v1/chat/completions` and `GET /v1/models` on the standard library's ThreadingHTTPServer. Each HTTP
 thread turns its request into a `Job` (the prompt built by `Assistant.prompt_ids`, as sample.py builds it)
 and hands it to the `Scheduler`, the one thread that touches the model. The scheduler decodes every running
-job in one batch (continuous batching): each step it prefills the jobs that arrived (together, left-padded,
-as `LlavaMed.generate` does), merges their KV-cache rows into the running batch, samples one token per row
-with `sample_next`, drops the rows that finished (or whose client went away) and runs one cached decode step
-for the rest. Rows are kept right-aligned in one KVCache, so that every row's next token lands in the same
+job in one batch (continuous batching): each step it prefills the jobs that arrived (together, with
+`LlavaMed.prefill`, as `LlavaMed.generate` begins), merges their KV-cache rows into the running batch,
+samples one token per row with `sample_next`, drops the rows that finished (or whose client went away) and
+runs one cached decode step for the rest. Rows are kept right-aligned in one KVCache, so that every row's next token lands in the same
 column; left padding is masked, and rotary positions count each row's real tokens only, so a row decodes as
 it would alone: at temperature 0 each answer is the one `Assistant.answer` gives for it by itself.
 
@@ -42,8 +42,8 @@ from minillavamed.config import IMAGE_TOKEN_INDEX
 from minillavamed.conversation import IMAGE
 from minillavamed.data import to_rgb
 from minillavamed.decoder import KVCache
-from minillavamed.inference import Assistant, left_pad
-from minillavamed.llava import sample_next
+from minillavamed.inference import Assistant
+from minillavamed.llava import StopStrings, sample_next
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 
@@ -80,7 +80,7 @@ class Job:
     max_tokens: int
     temperature: float
     top_p: float
-    stops: tuple[str, ...]  # the template's stop strings, then the request's
+    stops: StopStrings  # the template's stop strings, then the request's
     generator: torch.Generator | None
     stream: bool  # send text as it is generated ("delta" events), not only the whole reply
     # ("delta", text)s (the first, "", at the first token), then ("done", reply, finish_reason, completion_tokens),
@@ -217,8 +217,7 @@ def make_job(assistant: Assistant, body: dict, cfg: ServeConfig) -> Job:
     prompt = assistant.prompt_ids(question, image is not None, history, system)
     if prompt.count(IMAGE_TOKEN_INDEX) != (image is not None):
         raise APIError(400, f"the text may not contain {IMAGE!r}: the server places the image itself", "messages")
-    vision = assistant.model.cfg.vision
-    prompt_tokens = len(prompt) + (vision.num_patches - 1 if image is not None else 0)
+    prompt_tokens = len(prompt) + (assistant.model.cfg.vision.tokens_per_image - 1 if image is not None else 0)
     context = assistant.model.cfg.decoder.max_seq_len
     if prompt_tokens >= context:
         raise APIError(400, f"the prompt is {prompt_tokens} tokens; the model's context is {context} tokens",
@@ -236,7 +235,7 @@ def make_job(assistant: Assistant, body: dict, cfg: ServeConfig) -> Job:
     if image is not None:
         pixels = assistant.processor(image).to(assistant.device, next(assistant.model.parameters()).dtype)
     return Job(prompt, pixels, prompt_tokens, min(max_tokens, context - prompt_tokens), temperature, top_p,
-               tuple(assistant.template.stop_strings) + tuple(stop), generator, stream)
+               assistant.stops(stop), generator, stream)
 
 
 # ----------------------------------------------------------------------------- the scheduler
@@ -320,15 +319,9 @@ class Scheduler(threading.Thread):
         self.decode_step(tokens)
 
     def admit(self, jobs: list[Job]) -> None:
-        """Prefill the arrived jobs together (left-padded, as LlavaMed.generate does) and join their rows."""
-        ids, mask = left_pad([j.prompt for j in jobs], self.assistant.tokenizer.pad_id)
+        """Prefill the arrived jobs together (as LlavaMed.generate begins) and join their rows."""
         pixels = [j.pixels for j in jobs if j.pixels is not None]
-        device = self.assistant.device
-        embeds, mask, positions, _ = self.model.splice(ids.to(device), torch.stack(pixels) if pixels else None,
-                                                       mask.to(device), pad_left=True)
-        cache = KVCache(self.model.cfg.decoder, len(jobs), mask.shape[1], embeds.dtype, device)
-        hidden = self.model.decoder(embeds, positions, None if bool(mask.all()) else mask, cache, last_only=True)
-        logits = self.model.decoder.lm_head(hidden[:, -1]).float()
+        logits, cache, mask, _ = self.model.prefill([j.prompt for j in jobs], torch.stack(pixels) if pixels else None)
         parts = [(cache, mask, list(range(len(jobs))))]
         if self.rows:
             parts.insert(0, (self.cache, self.mask, list(range(len(self.rows)))))
@@ -380,8 +373,7 @@ class Scheduler(threading.Thread):
             finish = "stop"
         else:
             job.tokens.append(token)
-            tail = max(len(s) for s in job.stops) + 4  # tokens enough to hold any stop string, as generate
-            if any(s in self.decode(job.tokens[-tail:]) for s in job.stops):
+            if job.stops.reached(job.tokens):
                 finish = "stop"
             elif len(job.tokens) >= job.max_tokens:
                 finish = "length"
@@ -389,16 +381,10 @@ class Scheduler(threading.Thread):
             return False
         text = self.decode(job.tokens)
         if finish is not None:
-            reply = self.assistant.cut(text)
-            for stop in job.stops:
-                reply = reply.split(stop)[0].strip()
-            # What was streamed is a prefix of the reply (see below); the rest goes out now.
-            self._finish(job, "done", reply, finish, len(job.tokens))
+            # What was streamed is a prefix of the reply (StopStrings.visible); the rest goes out now.
+            self._finish(job, "done", job.stops.cut(text), finish, len(job.tokens))
             return True
-        # Hold back what could still become part of a stop string, trailing spaces (the reply is stripped)
-        # and a character still being spelled out in byte pieces.
-        safe = text.lstrip()[:max(0, len(text.lstrip()) - max(len(s) for s in job.stops))].rstrip()
-        safe = safe.rstrip("\ufffd")
+        safe = job.stops.visible(text)
         if len(safe) > len(job.shown):
             job.events.put(("delta", safe[len(job.shown):]))
             job.shown = safe

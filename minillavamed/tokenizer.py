@@ -146,9 +146,6 @@ class Tokenizer:
         specials, size = set(self.special_ids.values()), self.sp.get_piece_size()
         return self.sp.decode([int(i) for i in ids if 0 <= int(i) < size and int(i) not in specials])
 
-    def piece(self, i: int) -> str:
-        return self.sp.id_to_piece(int(i))
-
 
 def read_tokenizer_files(directory: str, base_size: int) -> tuple[dict, dict[str, int]]:
     """(tokenizer_config.json, {added token: id}) of a transformers tokenizer directory; ids below

@@ -59,22 +59,23 @@ class VisionTower(nn.Module):
         self.post_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         # hidden_states[i] is the output of i blocks (0: the normalized embeddings), so select_layer=-2
         # of 24 blocks means running 23 of them.
-        n = cfg.select_layer if cfg.select_layer >= 0 else cfg.layers + 1 + cfg.select_layer
-        if not 0 <= n <= cfg.layers:
-            raise ValueError(f"select_layer {cfg.select_layer} is out of range for {cfg.layers} layers")
-        self.n_run = n
-        # Parameters past the selected layer get no gradient; freezing them keeps DDP from waiting for one.
-        for block in self.blocks[n:]:
-            block.requires_grad_(False)
-        self.post_norm.requires_grad_(False)
+        self.n_run = cfg.select_layer if cfg.select_layer >= 0 else cfg.layers + 1 + cfg.select_layer
+        self.requires_grad_()  # freezes what never runs (below)
         self.backend = "sdpa"
+
+    def requires_grad_(self, requires_grad: bool = True) -> "VisionTower":
+        """nn.Module's, except that the blocks past the selected layer and the post-norm, which never reach the
+        output, stay frozen whatever is asked: they get no gradient, and DDP would wait for one."""
+        super().requires_grad_(requires_grad)
+        for p in [*self.blocks[self.n_run:].parameters(), *self.post_norm.parameters()]:
+            p.requires_grad_(False)
+        return self
 
     def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
         """(batch, 3, H, W) -> (batch, num_patches, width): CLIP's patch convolution, row-major patch order.
 
-        A convolution whose stride equals its kernel is one product over the flattened non-overlapping patches.
-        On a CPU that product is faster than oneDNN's convolution: twice as fast for one 64-pixel image, 15-30%
-        for a batch of them or for one 336-pixel image at ViT-L's width.
+        A convolution whose stride equals its kernel is one product over the flattened non-overlapping patches,
+        and a CPU runs that product faster than oneDNN's convolution (bench/RESULTS.md, "Speed choices").
         """
         b, c, height, width = pixels.shape
         p = self.cfg.patch_size

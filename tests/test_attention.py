@@ -189,6 +189,7 @@ def training_step(backend, packed, dtype):
     return loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", list(STEP_DTYPES.values()), ids=list(STEP_DTYPES))
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 def test_training_step_runs_the_kernels_in_every_layer(packed, dtype):

@@ -68,6 +68,7 @@ def run_a(world, base, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------ train.py
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,value", [("--global_batch", "-4"), ("--keep_last", "-1"), ("--log_interval", "0"),
                                         ("--lr", "0"), ("--dtype", "banana"), ("--device", "bogus")])
 def test_train_rejects_a_bad_flag_naming_it(tmp_path, flag, value):
@@ -77,6 +78,7 @@ def test_train_rejects_a_bad_flag_naming_it(tmp_path, flag, value):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_train_refuses_triton_where_the_kernels_cannot_run_before_any_work(world, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a CPU without the interpreter
     res = subprocess.run([sys.executable, "train.py", "--stage", "0", "--data", world["general"], "--image_folder",
@@ -97,6 +99,7 @@ def test_train_help_describes_every_option():
     assert "0: the stage's default" in text and "(default: 100)" in text  # --ckpt_interval
 
 
+@pytest.mark.slow
 def test_train_refuses_an_out_dir_holding_another_run(world, base, run_a):
     before = snapshot(run_a)
     res = run(*stage2(world, base, run_a, "--max_iters", "4"))
@@ -106,6 +109,7 @@ def test_train_refuses_an_out_dir_holding_another_run(world, base, run_a):
     assert snapshot(run_a) == before
 
 
+@pytest.mark.slow
 def test_train_move_aside_keeps_the_old_run(world, base, run_a, tmp_path):
     out = tmp_path / "b"
     shutil.copytree(run_a, out)
@@ -117,6 +121,7 @@ def test_train_move_aside_keeps_the_old_run(world, base, run_a, tmp_path):
     assert [json.loads(x)["iter"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
+@pytest.mark.slow
 def test_train_resume_refuses_another_configuration(world, base, run_a):
     before = snapshot(run_a)
     res = run(*stage2(world, base, run_a, "--max_iters", "4", "--resume", "--lr", "0.5"))
@@ -126,6 +131,7 @@ def test_train_resume_refuses_another_configuration(world, base, run_a):
     assert snapshot(run_a) == before
 
 
+@pytest.mark.slow
 def test_train_out_dir_that_cannot_be_written_fails_before_loading(world, base, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     res = run(*stage2(world, base, tmp_path / "file" / "out", "--max_iters", "1"))
@@ -134,6 +140,7 @@ def test_train_out_dir_that_cannot_be_written_fails_before_loading(world, base, 
     assert "stage 2:" not in res.stdout  # nothing was loaded
 
 
+@pytest.mark.slow
 def test_train_a_failed_checkpoint_write_keeps_the_previous_one(world, base, run_a, tmp_path):
     out = tmp_path / "c"
     shutil.copytree(run_a, out)
@@ -157,6 +164,7 @@ def test_train_a_failed_checkpoint_write_keeps_the_previous_one(world, base, run
     LlavaMed.from_pretrained(out / "checkpoints" / "step-0000002")
 
 
+@pytest.mark.slow
 def test_free_space_for_one_checkpoint_is_checked(base, monkeypatch, tmp_path):
     model = LlavaMed.from_pretrained(base)
     need = train.checkpoint_bytes(model, list(model.parameters()))
@@ -182,6 +190,7 @@ def bad_records(world, tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_train_names_bad_records_before_any_work(world, base, tmp_path):
     data = bad_records(world, tmp_path)
     out = tmp_path / "out"
@@ -204,6 +213,7 @@ def test_train_names_bad_records_before_any_work(world, base, tmp_path):
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_train_skips_bad_records_when_asked_and_counts_them(world, base, tmp_path):
     data = bad_records(world, tmp_path)
     out = tmp_path / "out"
@@ -217,6 +227,7 @@ def test_train_skips_bad_records_when_asked_and_counts_them(world, base, tmp_pat
     assert "5 skipped" in res.stdout and "truncated to max_len 60" in res.stdout
 
 
+@pytest.mark.slow
 def test_train_refuses_samples_past_the_models_positions(world, base, tmp_path):
     records = json.loads(Path(world["instruct"]).read_text())
     long = {**records[0], "id": "long", "conversations": [records[0]["conversations"][0],
@@ -230,6 +241,7 @@ def test_train_refuses_samples_past_the_models_positions(world, base, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- sample.py
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,value", [("--batch_size", "-1"), ("--top_p", "0"), ("--device", "bogus")])
 def test_sample_rejects_a_bad_flag_naming_it(flag, value):
     res = run("sample.py", "--prompt", "hi", flag, value)
@@ -246,6 +258,7 @@ def image_of(world) -> str:
     return json.loads(Path(world["vqa_test"]).read_text())[0]["image"]
 
 
+@pytest.mark.slow
 def test_sample_names_a_question_without_id_or_text(world, base, tmp_path):
     q = questions_file(tmp_path, world, [{"question_id": 1, "text": "what?"}, {"text": "no id"}])
     res = run("sample.py", "--model", str(base), "--questions", str(q), "--answers", str(tmp_path / "a.jsonl"))
@@ -253,6 +266,7 @@ def test_sample_names_a_question_without_id_or_text(world, base, tmp_path):
     assert not (tmp_path / "a.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_sample_refuses_answers_of_another_model(world, base, tmp_path):
     q = questions_file(tmp_path, world, [{"question_id": 1, "text": "what?"}])
     answers = tmp_path / "a.jsonl"
@@ -264,6 +278,7 @@ def test_sample_refuses_answers_of_another_model(world, base, tmp_path):
     assert answers.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_sample_bad_image_stops_or_is_skipped(world, base, tmp_path):
     image = image_of(world)
     q = questions_file(tmp_path, world, [{"question_id": 1, "image": image, "text": "what?"},
@@ -282,6 +297,7 @@ def test_sample_bad_image_stops_or_is_skipped(world, base, tmp_path):
     assert [json.loads(x)["question_id"] for x in answers.read_text().splitlines()] == [1, 3]
 
 
+@pytest.mark.slow
 def test_sample_chat_commands_are_checked(world, base):
     image = os.path.join(world["image_folder"], image_of(world))
     res = run("sample.py", "--model", str(base), "--chat", "--max_new_tokens", "4",
@@ -295,6 +311,7 @@ def test_sample_chat_commands_are_checked(world, base):
     assert out.count("assistant> ") == 1  # only the real question reached the model
 
 
+@pytest.mark.slow
 def test_sample_refuses_nan_weights(base, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(base, model, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl"))

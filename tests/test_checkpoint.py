@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from transformers import CLIPConfig, CLIPModel, LlavaForConditionalGeneration
 import hf_oracle as hf
 from minillavamed import LlavaMed
 from minillavamed.checkpoint import CheckpointError, export_llava_hf, read_config
-from minillavamed.config import LlavaConfig, preset
+from minillavamed.config import PRESETS, ConfigError, LlavaConfig, preset
 from test_model import PROMPTS, assert_close_scaled, expand_for_hf, pad
 
 
@@ -224,6 +225,34 @@ def test_config_with_unknown_field_is_rejected():
     d["decoder"]["n_experts"] = 8
     with pytest.raises(ValueError, match="n_experts"):
         LlavaConfig.from_dict(d)
+
+
+def test_config_values_are_checked_naming_the_field():
+    for name in PRESETS:
+        preset(name)  # every preset passes its own checks
+    d = preset("tiny").to_dict()
+    for part, key, value, says in [("vision", "select_feature", "cls", "choose 'patch' or 'cls_patch'"),
+                                   ("vision", "select_layer", 5, "-5 to 4"),
+                                   ("projector", "type", "mlp2x", "mlp<N>x_gelu"),
+                                   ("decoder", "kv_heads", 3, "heads = 4: must be a multiple of kv_heads 3"),
+                                   (None, "image_aspect_ratio", "square", "choose 'pad' or 'crop'")]:
+        bad = json.loads(json.dumps(d))
+        (bad[part] if part else bad)[key] = value
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            LlavaConfig.from_dict(bad)
+
+
+def test_bad_config_values_of_a_checkpoint_name_its_file(own, ref, tmp_path):
+    config = json.loads((own / "config.json").read_text())
+    config["vision"]["select_feature"] = "cls"
+    (own / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: VisionConfig\.select_feature = 'cls'"):
+        LlavaMed.from_pretrained(own)
+    llava_dir, _ = write_original_layout(ref, tmp_path / "original")
+    config = json.loads((llava_dir / "config.json").read_text())
+    (llava_dir / "config.json").write_text(json.dumps({**config, "mm_vision_select_feature": "cls"}))
+    with pytest.raises(CheckpointError, match=r"config\.json: VisionConfig\.select_feature = 'cls'"):
+        LlavaMed.from_pretrained(llava_dir)
 
 
 # ---- LLaVA-Med v1 layout: mm_use_im_start_end, tokens added after LLaMA's vocabulary ----

@@ -107,6 +107,7 @@ def test_normal_run_then_rerun_pays_nothing(tmp_path):
         assert (tmp_path / "out.jsonl").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_faults_are_retried_or_recorded_then_retry_failed(tmp_path):
     ids = make_input(tmp_path / "in.jsonl", 8)
     plan = {"id00": ["429", "ok"], "id01": ["500", "500", "ok"], "id02": ["500"], "id03": ["slow", "ok"],
@@ -135,6 +136,7 @@ def test_faults_are_retried_or_recorded_then_retry_failed(tmp_path):
     assert fails == [] and sorted(r["id"] for r in out) == ids
 
 
+@pytest.mark.slow
 def test_killed_mid_run_then_restarted(tmp_path):
     ids = make_input(tmp_path / "in.jsonl", 30, jsonl=False)  # a JSON array input this time
     (tmp_path / "in.jsonl").rename(tmp_path / "in.json")
@@ -167,6 +169,7 @@ def test_killed_mid_run_then_restarted(tmp_path):
     assert not set(after) & set(done_before)  # ... and nothing finished before the kill was paid for again
 
 
+@pytest.mark.slow
 def test_api_key_never_leaks_and_auth_errors_stop_the_run(tmp_path):
     ids = make_input(tmp_path / "in.jsonl", 3)
     with StubServer(plan={"id00": ["echo_auth"]}) as stub:
@@ -215,10 +218,10 @@ def test_alignment_mode_needs_no_api(tmp_path):
 
 @pytest.mark.parametrize("lines,message", [
     (['{"pair_id": "a", "image": "a.jpg", "fig_caption": "x"}', '{"pair_id": "b", "image": "b.jpg"}'],
-     "in.jsonl: line 2: missing or empty 'fig_caption'"),
+     "in.jsonl:2: missing or empty 'fig_caption'"),
     (['{"pair_id": "a", "image": "a.jpg", "fig_caption": "x"}', '{"pair_id": "a", "image": "a.jpg", "fig_caption": "y"}'],
-     "in.jsonl: line 2: duplicate pair_id 'a'"),
-    (['{"pair_id": "a", "image": "a.jpg", "fig_caption": "x"}', '{"pair_id": '], "in.jsonl: line 2: not valid JSON"),
+     "in.jsonl:2: duplicate pair_id 'a'"),
+    (['{"pair_id": "a", "image": "a.jpg", "fig_caption": "x"}', '{"pair_id": '], "in.jsonl:2: not valid JSON"),
 ])
 def test_bad_input_names_file_and_line(tmp_path, lines, message):
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
@@ -226,6 +229,7 @@ def test_bad_input_names_file_and_line(tmp_path, lines, message):
     assert res.returncode != 0 and message in res.stderr
 
 
+@pytest.mark.slow
 def test_refused_connections_stop_the_run_and_are_retried_by_the_next(tmp_path):
     ids = make_input(tmp_path / "in.jsonl", 5)
     res = run(gen_cmd(tmp_path, "http://127.0.0.1:9/v1", "--max_retries", "1"))  # nothing listens on port 9
@@ -244,6 +248,7 @@ def test_refused_connections_stop_the_run_and_are_retried_by_the_next(tmp_path):
     assert rows(tmp_path / "out.jsonl.failures.jsonl") == []
 
 
+@pytest.mark.slow
 def test_every_record_failing_for_one_reason_exits_non_zero(tmp_path):
     ids = make_input(tmp_path / "in.jsonl", 3)
     with StubServer(plan={i: ["500"] for i in ids}) as stub:

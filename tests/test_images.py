@@ -44,6 +44,7 @@ def random_image(rng, mode, w, h):
 SIZES = [(1, 1), (7, 5), (224, 224), (300, 200), (199, 401), (300, 3), (2, 90)]  # elongated but cheap
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [224, 336])
 @pytest.mark.parametrize("aspect", ["crop", "pad"])
 def test_pixels_equal_clip_image_processor(size, aspect):

@@ -53,6 +53,7 @@ def load_part(module, pairs, hf_state, strip):
     return module.eval()
 
 
+@pytest.mark.slow
 @with_precision
 @pytest.mark.parametrize("select_layer", [-2, -1, 1])
 def test_vit_hidden_states_match_clip(select_layer, prec):
@@ -81,6 +82,7 @@ def test_decoder_logits_match(factory, prec):
     assert_close_scaled(out, ref, TOLERANCE[prec])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_dtype_contract_under_autocast(dtype):
     """q, k and v reach attention in the autocast dtype in both towers, dense and packed; RoPE is computed in
@@ -203,6 +205,7 @@ def test_image_count_mismatch_is_an_error(pair):
         ours(ids, torch.randn(1, 3, 32, 32), mask)
 
 
+@pytest.mark.slow
 @with_precision
 def test_greedy_generation_matches_transformers(pair, prec):
     """Under autocast too: the KV cache in the autocast dtype holds what transformers' SDPA rounds to."""
@@ -218,6 +221,7 @@ def test_greedy_generation_matches_transformers(pair, prec):
     assert out == expected.tolist()
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_full_recomputation(pair):
     _, ours = pair
     pixels = torch.randn(2, 3, 32, 32)
@@ -284,6 +288,29 @@ def test_generation_stops_at_eos_and_stop_strings(pair):
         ours.generate(ids, pixels, mask, stop_strings=["x"])
 
 
+def test_prompt_rows_generate_as_their_padded_batch(pair):
+    _, ours = pair
+    pixels = torch.randn(2, 3, 32, 32)
+    for side in (True, False):  # the padding of a tensor batch is dropped, whichever side it is on
+        ids, mask = pad(PROMPTS, pad_left=side)
+        assert ours.generate(list(PROMPTS), pixels, max_new_tokens=6, eos_id=-1) == \
+            ours.generate(ids, pixels, mask, max_new_tokens=6, eos_id=-1)
+
+
+def test_stop_strings_cut_the_reply_and_hold_back_what_may_change():
+    from minillavamed.llava import StopStrings
+
+    stops = StopStrings(["</s>", "###"], decode=None)
+    assert stops.cut("  a lesion.</s> more ### x") == "a lesion." and stops.cut(" yes \n### Human") == "yes"
+    text = "  the heart is enlarged. ###"
+    shown = [stops.visible(text[:n]) for n in range(len(text) + 1)]
+    assert all(later.startswith(earlier) for earlier, later in zip(shown, shown[1:]))
+    assert shown[-1] == stops.cut(text) == "the heart is enlarged."
+    assert stops.visible("the heart ") == "the he" and stops.visible("the    xyz") == "the"  # 4 held, spaces too
+    assert stops.visible("abc\ufffd\ufffdwxyz") == "abc"  # a character still being spelled in byte pieces
+
+
+@pytest.mark.slow
 def test_sampling_is_seeded_and_respects_top_k_top_p(pair):
     _, ours = pair
     pixels = torch.randn(2, 3, 32, 32)

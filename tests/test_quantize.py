@@ -49,6 +49,7 @@ def test_int4_kernel_computes_the_documented_dequantisation():
                                rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rows", [1, 5, DENSE_ROWS + 1])
 def test_quantized_linear_matches_its_dequantised_weight(mode, rows):
@@ -91,6 +92,7 @@ def tiny():
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_quantized_model_tracks_the_float_model(tiny, tmp_path, mode):
     tiny.save_pretrained(tmp_path)
@@ -137,6 +139,7 @@ def test_loading_quantises_layer_by_layer(tiny, tmp_path, monkeypatch):
     assert not any(type(m) is nn.Linear for n, m in model.named_modules() if n.startswith(("decoder.", "projector.")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_checkpoint_round_trips(tiny, tmp_path, mode):
     q = LlavaMed(tiny.cfg)
@@ -162,6 +165,7 @@ def test_quantized_checkpoint_round_trips(tiny, tmp_path, mode):
         export_llava_hf(back, tmp_path / "hf")
 
 
+@pytest.mark.slow
 def test_tied_embeddings_keep_the_output_layer_float(tmp_path):
     cfg = preset("tiny")
     cfg.decoder.tie_embeddings = True

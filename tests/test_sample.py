@@ -55,6 +55,7 @@ def test_sample_py_greedy_equals_transformers_generate(checkpoint, capsys):
     assert len(out) > 3 and printed == expected.strip()
 
 
+@pytest.mark.slow
 def test_batched_answers_equal_one_by_one(checkpoint):
     root, _, _ = checkpoint
     assistant = Assistant.load(root / "model")
@@ -110,6 +111,7 @@ def run_sample(*argv: str, stdin: str | None = None) -> subprocess.CompletedProc
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
 
 
+@pytest.mark.slow
 def test_generation_never_emits_an_id_the_tokenizer_cannot_decode(checkpoint, tmp_path):
     # llava-hf's extra <image> row made the most likely token: embeddings carry a large constant in dimension 0
     # (so every normalized hidden state points along it) and only the extra output row reads that dimension.
@@ -136,6 +138,7 @@ def test_generation_never_emits_an_id_the_tokenizer_cannot_decode(checkpoint, tm
     assert res.stdout.count("assistant> ") == 2
 
 
+@pytest.mark.slow
 def test_a_tokenizer_larger_than_the_model_is_refused(checkpoint, tmp_path):
     root, _, _ = checkpoint
     model = tmp_path / "model"

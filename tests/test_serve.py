@@ -21,7 +21,7 @@ from PIL import Image
 
 import hf_oracle as hf
 import sample
-from minillavamed import evaluation
+from minillavamed import judge as judge_eval
 from minillavamed.inference import Assistant
 from minillavamed.serve import Server, ServeConfig, access_warning
 
@@ -75,6 +75,7 @@ def serial(assistant, question, image_path=None, history=(), max_new_tokens=24, 
     return assistant.answer([question], [image], [list(history)], max_new_tokens=max_new_tokens, **kw)[0]
 
 
+@pytest.mark.slow
 def test_answers_equal_sample_py_and_assistant(checkpoint, assistant, server, capsys):
     c = client(server)
     question, image = QUESTIONS[0], checkpoint / "img0.png"
@@ -292,6 +293,7 @@ def test_sample_py_serve_flags(monkeypatch, checkpoint):
         sample.main(["--model", str(checkpoint / NAME), "--serve", "--prompt", "hi"])
 
 
+@pytest.mark.slow
 def test_sample_py_serve_end_to_end(checkpoint, assistant):
     """The CLI as a user runs it, in its own process: it says where it serves and answers as sample.py."""
     with socket.socket() as sock:
@@ -314,6 +316,7 @@ def test_sample_py_serve_end_to_end(checkpoint, assistant):
         proc.communicate(timeout=30)
 
 
+@pytest.mark.slow
 def test_judge_runs_against_the_server(tmp_path, assistant, server, monkeypatch):
     """The judged evaluation end to end offline: our model stands in for GPT-4 as judge. Its replies are not
     two scores, so each row records the parse error quoting the reply's first line, which must be the reply
@@ -325,15 +328,15 @@ def test_judge_runs_against_the_server(tmp_path, assistant, server, monkeypatch)
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"question_id": q["question_id"], "text": "an opacity."})
                                               + "\n" for q in questions))
     monkeypatch.setenv("OPENAI_API_KEY", "unused")
-    assert evaluation.main(["judge", "--questions", str(tmp_path / "q.jsonl"), "--answers", str(tmp_path / "a.jsonl"),
+    assert judge_eval.main(["--questions", str(tmp_path / "q.jsonl"), "--answers", str(tmp_path / "a.jsonl"),
                             "--model", NAME, "--base_url", server.url, "--max_retries", "0", "--backoff_base", "0",
                             "--reviews", str(tmp_path / "reviews.jsonl")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "reviews.jsonl").read_text().splitlines()]
     judge = dataclasses.replace(assistant, template=dataclasses.replace(assistant.template,
-                                                                        system=evaluation.JUDGE_SYSTEM))
+                                                                        system=judge_eval.JUDGE_SYSTEM))
     for q, row in zip(questions, rows):
-        body = evaluation.judge_messages(q, q["gpt4_answer"], "an opacity.")[1]["content"]
-        room = CONTEXT - len(assistant.prompt_ids(body, False, system=evaluation.JUDGE_SYSTEM))
+        body = judge_eval.judge_messages(q, q["gpt4_answer"], "an opacity.")[1]["content"]
+        room = CONTEXT - len(assistant.prompt_ids(body, False, system=judge_eval.JUDGE_SYSTEM))
         reply = judge.answer([body], [None], max_new_tokens=min(1024, room))[0]
         first = next((line for line in reply.splitlines() if line.strip()), "")
         expected = f"got {first[:80]!r}" if reply.strip() else "empty message content"

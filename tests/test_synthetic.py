@@ -218,6 +218,7 @@ def test_text_only_baseline_on_hand_computed_example():
     assert (result["n_closed"], result["n_open"]) == (3, 1)
 
 
+@pytest.mark.slow
 def test_text_only_baseline_stays_near_chance(tmp_path):
     cfg = syn.WorldConfig(seed=7, image_size=32, n_pmc=200, n_instruct=200, n_vqa_train=150, n_vqa_test=150,
                           n_general=0)
@@ -228,6 +229,7 @@ def test_text_only_baseline_stays_near_chance(tmp_path):
     assert result["open_recall"] <= result["chance_open_recall"] + 0.10
 
 
+@pytest.mark.slow
 def test_cli_writes_world_and_grid(tmp_path):
     grid = tmp_path / "grid.png"
     out = subprocess.run([sys.executable, "-m", "minillavamed.synthetic", "--out", str(tmp_path / "w"),

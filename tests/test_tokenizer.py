@@ -55,7 +55,7 @@ def test_ids_equal_transformers_slow_tokenizer(tok, oracle):
 def test_special_ids_and_sizes(tok):
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)  # LLaMA's ids; pad = unk as LLaVA pads
     assert tok.vocab_size == 600
-    assert tok.piece(0) == "<unk>" and tok.piece(1) == "<s>" and tok.piece(2) == "</s>"
+    assert [tok.sp.id_to_piece(i) for i in (0, 1, 2)] == ["<unk>", "<s>", "</s>"]
     assert tok.encode("a</s>")[-1] == 2 and tok.encode("<s>")[-1] == 1
 
 

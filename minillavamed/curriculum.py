@@ -1,0 +1,58 @@
+"""The curriculum of LLaVA-Med (paper §4.1, Fig. 3): what each stage trains, and with which recipe.
+
+  stage 0  general-domain base (tiny preset only): everything trains on everyday images and text;
+           it stands in for the general LLaVA that LLaVA-Med starts from.
+  stage 1  biomedical concept alignment: figure-caption pairs, `plain` template; only the projector trains.
+  stage 2  instruction tuning: GPT-4-written conversations; projector + language model train.
+  stage 3  VQA fine-tuning (VQA-RAD, SLAKE, PathVQA): as stage 2, on question-answer data.
+
+train.py runs one stage per call with these defaults; bench/train_speed.py measures a stage with the same
+choice of what trains, so that its MFU is the one a run logs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minillavamed.llava import LlavaMed
+
+# Paper recipe (LLaVA-Med v1 scripts) per stage; "tiny" where the paper's numbers don't fit a CPU run.
+STAGES = {
+    0: dict(epochs=1.0, lr=1e-3, global_batch=128, conv="mistral_instruct"),
+    1: dict(epochs=1.0, lr=2e-3, global_batch=128, conv="plain"),
+    2: dict(epochs=3.0, lr=2e-5, global_batch=128, conv=None),
+    3: dict(epochs=3.0, lr=2e-5, global_batch=128, conv=None),
+}
+TINY_STAGES = {
+    # From scratch, a higher rate lets the decoder fit the text prior before it learns to look at the
+    # image, and then no gradient reaches the vision tower: 5e-4 keeps the image in play.
+    0: dict(epochs=4.0, lr=5e-4, global_batch=32),
+    1: dict(epochs=2.0, lr=2e-3, global_batch=32),
+    2: dict(epochs=10.0, lr=1e-3, global_batch=32),
+    3: dict(epochs=3.0, lr=1e-4, global_batch=32),
+}
+for _stage in TINY_STAGES.values():
+    _stage.update(max_len=256, micro_batch=16)
+for _stage in STAGES.values():
+    _stage.update(max_len=2048, micro_batch=16)
+
+# Dense bf16 peak of the GPUs a run may land on, the denominator of MFU.
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def set_trainable(model: LlavaMed, stage: int) -> None:
+    """Which parts learn in each stage (paper §4.1); the vision tower is frozen after stage 0 (its blocks past
+    the selected layer always are: VisionTower.requires_grad_)."""
+    model.requires_grad_(False)
+    parts = {0: [model.vision, model.projector, model.decoder], 1: [model.projector]}.get(
+        stage, [model.projector, model.decoder])
+    for part in parts:
+        part.requires_grad_(True)
+
+
+def peak_tflops(device: torch.device) -> float:
+    """PEAK_TFLOPS of the GPU `device` is, found by its name; 0 when unknown (or not a GPU): no MFU then."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
