@@ -219,7 +219,8 @@ def synthetic_paths(stage: int) -> tuple[dict, str]:
 
 
 def lr_at(it: int, cfg: TrainConfig, total: int) -> float:
-    """Linear warmup over warmup_ratio of the run, then cosine decay (LLaVA's schedule)."""
+    """Linear warmup over warmup_ratio of the run, then cosine decay (LLaVA's schedule). The warmup is one step
+    ahead of transformers' (whose first step has a learning rate of 0 and so does nothing); after it they agree."""
     warmup = math.ceil(cfg.warmup_ratio * total)
     if it < warmup:
         return cfg.lr * (it + 1) / warmup

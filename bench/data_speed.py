@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import train  # noqa: E402  (train.py's stage rules and collate, so the figure is train.py's data path)
+import train  # noqa: E402  (train.py's collate, so the figure is train.py's data path)
 from minillavamed import LlavaMed  # noqa: E402
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset  # noqa: E402
+from minillavamed.curriculum import set_trainable  # noqa: E402
 from minillavamed.data import ImageProcessor, load_image  # noqa: E402
 
 PEAKS = {"A100": 312e12, "H100": 989e12}  # dense bf16
@@ -66,7 +67,7 @@ def main() -> None:
         print(f"{size} px ({PRESET_AT[size]}): {per_worker:.1f} images/s per worker "
               f"({best / len(files) * 1e3:.1f} ms per sample, best of {args.repeats} x {len(files)} images)")
         for stage, mfu in zip((1, 2), args.mfu):
-            train.set_trainable(model, stage)
+            set_trainable(model, stage)
             seq = args.text_len + cfg.vision.tokens_per_image
             flops = model.flops(args.text_len, 1, seq)
             for gpu, peak in PEAKS.items():

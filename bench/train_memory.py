@@ -132,9 +132,9 @@ def gpu_memory(stage: int, world: int, micro_batch: int, seq: int, layers: int) 
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     sys.path.insert(0, str(ROOT))
-    import train
     from minillavamed import LlavaMed
     from minillavamed.config import preset
+    from minillavamed.curriculum import set_trainable
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     mesh = init_device_mesh("cpu", (world,))  # outside the fake mode: the mesh reads real rank tensors
@@ -144,7 +144,7 @@ def gpu_memory(stage: int, world: int, micro_batch: int, seq: int, layers: int) 
         model = LlavaMed(cfg)
         model.set_attention_backend("sdpa")  # the Triton kernels cannot run on fake tensors; same saved tensors
         model.decoder.checkpointing = True
-        train.set_trainable(model, stage)
+        set_trainable(model, stage)
         for p in model.parameters():
             p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
         model.splice = types.MethodType(front_image_splice, model)

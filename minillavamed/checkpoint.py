@@ -594,7 +594,7 @@ def _check_unexpected(files: WeightFiles, pairs, unused: tuple[str, ...]) -> Non
 
 def fill_shards(model: nn.Module, path, vision_tower=None, projector: str = "mlp2x_gelu") -> None:
     """Fill a model built on the meta device from `path` (any layout load_model reads) after FSDP2's
-    fully_shard and to_empty: each process reads from the memory-mapped checkpoint only the rows of its own
+    fully_shard and to_empty: each process reads from the checkpoint files only the rows of its own
     dim-0 shard of each parameter, tensor by tensor, cast to that parameter's dtype, so that no process ever
     holds a whole model. Fresh parts (the projector of a bare LLM + CLIP) are initialised whole on the host
     in fp32 (they are small) and sliced."""

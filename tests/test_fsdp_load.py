@@ -18,6 +18,7 @@ import torch
 import train
 from minillavamed import LlavaMed
 from minillavamed.synthetic import WorldConfig, generate_world
+from minillavamed.curriculum import set_trainable
 
 import hf_oracle as hf
 from hf_oracle import llava_hf_checkpoint
@@ -103,7 +104,7 @@ def test_each_process_fills_its_shards_to_the_whole_load(sharded, tmp_path):
     for name, src, tower, stage, dtype in cases:
         torch.manual_seed(0)
         whole = LlavaMed.from_pretrained(src, vision_tower=tower or None)  # fp32, every tensor read in one process
-        train.set_trainable(whole, stage)
+        set_trainable(whole, stage)
         expected = dict(whole.named_parameters())
         for r in range(2):
             got, local = ranks[r][name]

@@ -22,6 +22,7 @@ import train
 from minillavamed import LlavaMed
 from minillavamed.data import ImageLoadError
 from minillavamed.synthetic import WorldConfig, generate_world
+from minillavamed.curriculum import set_trainable
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_WORLD = WorldConfig(seed=3, image_size=64, n_pmc=48, n_instruct=48, n_vqa_train=8, n_vqa_test=4,
@@ -118,7 +119,7 @@ def test_what_trains_in_each_stage(world, base, tmp_path, stage, trains):
 def test_stage_zero_trains_everything_but_the_unused_vision_layers(world, base):
     fresh = LlavaMed.from_pretrained(base)
     model = LlavaMed.from_pretrained(base)
-    train.set_trainable(model, 0)
+    set_trainable(model, 0)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "vision.blocks.0.fc1.weight" in names and "decoder.embed.weight" in names
     assert f"vision.blocks.{fresh.vision.n_run}.fc1.weight" not in names and "vision.post_norm.weight" not in names
@@ -431,7 +432,7 @@ def test_model_flops_are_what_the_flop_counter_counts(stage, images):
     torch.manual_seed(0)
     model = LlavaMed(preset("tiny"))
     model.set_attention_backend("naive")  # products the counter sees; a fused kernel hides its recompute
-    train.set_trainable(model, stage)
+    set_trainable(model, stage)
     rows, text = 3, 20
     ids = torch.randint(3, 100, (rows, text))
     if images:
