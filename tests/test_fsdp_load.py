@@ -118,6 +118,7 @@ def test_each_process_fills_its_shards_to_the_whole_load(sharded, tmp_path):
             assert local < 0.55 * total, (name, r, local, total)  # each process holds about half
 
 
+@pytest.mark.slow
 def test_a_stage2_fsdp_step_has_ddps_first_loss(world, sharded, tmp_path):
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
     torchrun(2, ["train.py", *args(world, 2, fsdp, "--init_from", str(sharded), "--fsdp")], ROOT)

@@ -250,6 +250,7 @@ print(json.dumps({"mode": mode, "peak": after[0] - before[0], "file": after[1] -
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.slow
 def test_quantised_load_peaks_near_the_quantised_size(tmp_path):
     """A quantised load of a 160 MB bf16 checkpoint (12 layers, 8 shards) grows the process's peak resident
     memory by the quantised model plus temporaries and allocator slack, and maps no checkpoint page. Measured:
