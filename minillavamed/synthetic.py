@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from minillavamed.synthetic_draw import BACKGROUNDS, DRAW
-from minillavamed.data import load_records
+from minillavamed.conversation import place_image
+from minillavamed.data import load_records, vqa_record
 from minillavamed.evaluation import open_recall
 
 DOMAINS = ("chest_xray", "ct_scan", "mri", "histology", "gross")
@@ -256,11 +257,6 @@ def questions_for(facts: dict, rng: np.random.Generator) -> list[tuple[str, str,
 
 
 
-def _image_turn(text: str, rng: np.random.Generator) -> str:
-    # The paper's post-processing puts <image> before or after the first question at random.
-    return f"<image>\n{text}" if rng.random() < 0.5 else f"{text}\n<image>"
-
-
 def conversation_from_caption(caption: str, rng: np.random.Generator) -> list[dict]:
     """Stage-2 data: a multi-turn conversation written from the caption text alone (GPT-4's role).
 
@@ -285,7 +281,7 @@ def conversation_from_caption(caption: str, rng: np.random.Generator) -> list[di
         turns.append((_pick(rng, DESCRIBE_PROMPTS), f"this figure is {_article(canonical)} {canonical}"))
     conversation = []
     for k, (q, a) in enumerate(turns):
-        conversation += [{"from": "human", "value": _image_turn(q, rng) if k == 0 else q},
+        conversation += [{"from": "human", "value": place_image(q, rng) if k == 0 else q},
                          {"from": "gpt", "value": a}]
     return conversation
 
@@ -339,7 +335,7 @@ def general_conversation(f: dict, rng: np.random.Generator) -> list[dict]:
     turns.append((_pick(rng, DESCRIBE_PROMPTS), caption))
     conversation = []
     for k, (q, a) in enumerate(turns):
-        conversation += [{"from": "human", "value": _image_turn(q, rng) if k == 0 else q}, {"from": "gpt", "value": a}]
+        conversation += [{"from": "human", "value": place_image(q, rng) if k == 0 else q}, {"from": "gpt", "value": a}]
     return conversation
 
 
@@ -401,9 +397,7 @@ def _vqa_split(split: str, n: int, cfg: WorldConfig, folder: Path) -> list[dict]
         facts = sample_scene(domain, rng)
         image = _draw(domain, facts, rng, cfg, folder, f"{split}_{i:06d}.png")
         for k, (q, a, kind) in enumerate(questions_for(facts, rng)):
-            records.append({"id": f"{split}_{i:06d}_q{k}", "image": image, "answer_type": kind,
-                            "conversations": [{"from": "human", "value": f"<image>\n{q}"},
-                                              {"from": "gpt", "value": a}]})
+            records.append(vqa_record(f"{split}_{i:06d}_q{k}", image, q, a, kind))
     return records
 
 
@@ -435,7 +429,7 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig | None = None) -> dict[
         pmc.append({"pair_id": pair_id, "image": image, "fig_label": label, "fig_caption": caption,
                     "in_text_mention": mentions, "domain": domain})
         alignment.append({"id": pair_id, "image": image, "conversations": [
-            {"from": "human", "value": _image_turn(_pick(rng, ALIGNMENT_PROMPTS), rng)},
+            {"from": "human", "value": place_image(_pick(rng, ALIGNMENT_PROMPTS), rng)},
             {"from": "gpt", "value": caption}]})
 
     instruct = []
