@@ -549,20 +549,7 @@ def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, devic
     for files, pairs, unused in sources:
         _check_unexpected(files, pairs, unused)
         for ours, theirs in pairs:
-            shape = tuple(params[ours].shape)
-            parts = (zip(theirs.keys, ((rows, *shape[1:]) for rows in theirs.rows)) if isinstance(theirs, Joined)
-                     else [(theirs, shape)])
-            tensors = []
-            for key, expected in parts:
-                if key not in files.where:
-                    raise CheckpointError(f"{files.dir}: missing key {key!r} (for {ours})")
-                tensor = files.get(key)
-                if tuple(tensor.shape) != expected:
-                    raise CheckpointError(f"{files.where[key]}: key {key!r} has shape {tuple(tensor.shape)}, "
-                                          f"the model expects {expected}")
-                tensors.append(tensor.to(device=device, dtype=dtype))
-            _set_param(model, ours, tensors[0] if len(tensors) == 1 else torch.cat(tensors))
-            del tensors
+            _set_param(model, ours, _read(files, ours, theirs, tuple(params[ours].shape)).to(device=device, dtype=dtype))
             wanted.discard(ours)
             owner = ours.rpartition(".")[0]
             if owner in to_quantize and not any(p.is_meta for p in model.get_submodule(owner).parameters()):
@@ -630,26 +617,32 @@ def fill_shards(model: nn.Module, path, vision_tower=None, projector: str = "mlp
             if name not in where:
                 raise CheckpointError(f"{path}: no tensor found for {name}")
             source, theirs = where[name]
-            shape = tuple(param.shape)
-            whole = [(theirs, shape[0] if shape else 0)]
-            parts = zip(theirs.keys, theirs.rows) if isinstance(theirs, Joined) else whole
-            pieces, offset = [], 0
-            for key, n in parts:
-                expected = (n, *shape[1:]) if shape else ()
-                if key not in source.where:
-                    raise CheckpointError(f"{source.dir}: missing key {key!r} (for {name})")
-                if source.shape(key) != expected:
-                    raise CheckpointError(f"{source.where[key]}: key {key!r} has shape {source.shape(key)}, "
-                                          f"the model expects {expected}")
-                if start is None:
-                    pieces.append(source.get(key))
-                elif max(start, offset) < min(stop, offset + n):  # this part holds some of the shard's rows
-                    pieces.append(source.rows(key, max(start, offset) - offset, min(stop, offset + n) - offset))
-                offset += n
-            tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else local.new_empty(local.shape)
+            tensor = _read(source, name, theirs, tuple(param.shape), start, stop)
             if tuple(tensor.shape) != tuple(local.shape):
                 raise RuntimeError(f"{name}: read {tuple(tensor.shape)} for a local shard of {tuple(local.shape)}")
             local.copy_(tensor.to(local.dtype))
+
+
+def _read(files: WeightFiles, ours: str, theirs, shape: tuple[int, ...], start: int | None = None,
+          stop: int | None = None) -> torch.Tensor:
+    """Rows start:stop (None, None: all) of our parameter `ours`, of `shape`, from its checkpoint key; a Joined
+    one is several keys' rows one after another, of which only those in start:stop are read. Each key's shape
+    is checked against the model's from the file's header before anything is read."""
+    parts = zip(theirs.keys, theirs.rows) if isinstance(theirs, Joined) else [(theirs, shape[0] if shape else 0)]
+    pieces, offset = [], 0
+    for key, n in parts:
+        expected = (n, *shape[1:]) if shape else ()
+        if key not in files.where:
+            raise CheckpointError(f"{files.dir}: missing key {key!r} (for {ours})")
+        if files.shape(key) != expected:
+            raise CheckpointError(f"{files.where[key]}: key {key!r} has shape {files.shape(key)}, "
+                                  f"the model expects {expected}")
+        if start is None:
+            pieces.append(files.get(key))
+        elif max(start, offset) < min(stop, offset + n):  # this part holds some of the rows asked for
+            pieces.append(files.rows(key, max(start, offset) - offset, min(stop, offset + n) - offset))
+        offset += n
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else torch.empty(0, *shape[1:])
 
 
 def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
