@@ -463,6 +463,8 @@ def _load_quantized(model_class, path: Path, meta: dict, files: WeightFiles, qua
         module = model.get_submodule(owner)
         if leaf in module._parameters:
             module._parameters[leaf] = nn.Parameter(tensor, requires_grad=expected.requires_grad)
+        elif isinstance(module, QuantizedLinear) and leaf == "qweight":
+            module.load_saved_qweight(tensor)
         else:
             module._buffers[leaf] = tensor
     if cfg.decoder.tie_embeddings:

@@ -9,17 +9,23 @@ second. Only torch's own CPU kernels run the products (no new dependency):
   with q in 0..15 and one (scale, zero) per `group` consecutive inputs of a row (asymmetric, as in GPTQ/AWQ
   checkpoints and llama.cpp's Q4_1).
 
-Those kernels are built for a few rows at a time. A prefill of hundreds of positions (an image question is
-about 628) is faster through oneDNN's dense GEMM, so above `DENSE_ROWS` rows a layer dequantises its weight
-for that one product (bench/local_7b.py measures both).
+Those kernels are built for a few rows at a time, and a prefill of hundreds of positions (an image question
+is about 628) is 8x slower through them than through a GEMM. Above `DENSE_ROWS` rows:
+- int8 quantises the activations too, per row, and multiplies int8 by int8 with int32 sums (`torch._int_mm`,
+  AVX512-VNNI), as llama.cpp multiplies its Q8_0 weights by Q8 activations; no float copy of the weight;
+- int4 has no such kernel on x86, so its layer dequantises the weight for that one product (oneDNN's GEMM).
+bench/local_7b.py --products measures every path.
 
 `QuantizedLinear` replaces an nn.Linear module; the decoder calls it as a module (see decoder.linear). The
-int4 weight is kept in the kernel's own packed layout (blocks of 64 output rows, rows r and r + 32 of a
-block sharing a byte), which is also how it is saved; `unpack_int4` reads it back.
+int4 weight is kept in the kernel's own packed layout, which depends on the CPU: blocks of 64 output rows
+with rows r and r + 32 sharing a byte where torch dispatches to AVX512, blocks of 32 (r and r + 16) elsewhere
+(`kernel_block_n`; `unpack_int4` reads it back). A checkpoint therefore holds int4 in a layout of its own,
+two inputs per byte (`pack_nibbles`), and loading packs it for the CPU at hand.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,8 +36,8 @@ MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 # Rows (batch x positions) above which the dequantised dense product beats the weight-only kernels.
 DENSE_ROWS = 16
-INT4_BLOCK_N = 64  # output rows per block of the CPU int4 kernel's packed layout
-# Output rows quantised per pass (a multiple of INT4_BLOCK_N): the fp32 temporaries of one pass over a 7B
+INT4_PAD = 64  # int4 output rows are padded to a multiple of the largest kernel block (kernel_block_n)
+# Output rows quantised per pass (a multiple of INT4_PAD): the fp32 temporaries of one pass over a 7B
 # layer's 28672 rows would be 0.5 GB each, more than the int4 layer itself.
 ROWS_PER_PASS = 2048
 
@@ -90,11 +96,45 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     return q, torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()
 
 
+def int8_dynamic_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) float @ (qweight * scales).T, with x quantised to int8 per row (symmetric, max |x| -> 127)."""
+    xf = x.float()
+    sx = torch.linalg.vector_norm(xf, ord=float("inf"), dim=1, keepdim=True).clamp_(min=1e-8).div_(127)
+    xq = (xf / sx).round_().to(torch.int8)  # |x / sx| <= 127 by construction; x itself stays as it is
+    return torch._int_mm(xq, qweight.t()).float().mul_(sx).mul_(scales.float()).to(x.dtype)
+
+
+def _unpack_blocks(packed: torch.Tensor, out: int, inp: int, block: int) -> torch.Tensor:
+    v = packed.view(out // block, inp, block // 2)
+    q = torch.stack([v & 15, v >> 4], dim=1)  # (blocks, low/high nibble, in, block / 2 rows)
+    return q.transpose(2, 3).reshape(out, inp)
+
+
+@functools.cache
+def kernel_block_n() -> int:
+    """Output rows per block of this CPU's int4 packing (64 with AVX512, else 32), found by packing a probe."""
+    probe = torch.arange(64 * 64, dtype=torch.int32).remainder_(16).view(64, 64)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for block in (64, 32):
+        if torch.equal(_unpack_blocks(packed, 64, 64, block).int(), probe):
+            return block
+    raise RuntimeError("torch's CPU int4 packing is neither of the known layouts (blocks of 64 or 32 rows)")
+
+
 def unpack_int4(packed: torch.Tensor, out: int, inp: int) -> torch.Tensor:
     """The CPU kernel's packed (out, in / 2) uint8 weights -> q (out, in) uint8, the inverse of its packing."""
-    v = packed.view(out // INT4_BLOCK_N, inp, INT4_BLOCK_N // 2)
-    q = torch.stack([v & 15, v >> 4], dim=1)  # (blocks, low/high nibble, in, 32 rows)
-    return q.transpose(2, 3).reshape(out, inp)
+    return _unpack_blocks(packed, out, inp, kernel_block_n())
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q (out, in) in 0..15 -> (out, in / 2) uint8, inputs 2j and 2j + 1 in the low and high nibble of byte j:
+    the int4 layout of a saved checkpoint, the same on every CPU."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
 class QuantizedLinear(nn.Module):
@@ -112,7 +152,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
             self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         else:
-            self.padded_out = _ceil_to(out_features, INT4_BLOCK_N)
+            self.padded_out = _ceil_to(out_features, INT4_PAD)
             self.padded_in = _ceil_to(in_features, cfg.group_size)
             self.register_buffer("qweight", torch.empty(self.padded_out, self.padded_in // 2, dtype=torch.uint8,
                                                         device=device))
@@ -135,7 +175,7 @@ class QuantizedLinear(nn.Module):
                 q.qweight[r:r + ROWS_PER_PASS] = qweight
                 q.scales[r:r + ROWS_PER_PASS] = scales
         else:
-            # Blocks of 64 output rows are packed independently, so packing a pass's rows gives those rows.
+            # Blocks of output rows are packed independently, so packing a pass's rows gives those rows.
             for r in range(0, q.padded_out, ROWS_PER_PASS):
                 n = min(ROWS_PER_PASS, q.padded_out - r)
                 real = w[r:r + n]  # short (or empty) where the pass reaches the padding past out_features
@@ -146,6 +186,22 @@ class QuantizedLinear(nn.Module):
         if linear.bias is not None:
             q.bias.copy_(linear.bias)
         return q
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.cfg.mode == "int4":
+            destination[prefix + "qweight"] = pack_nibbles(unpack_int4(self.qweight, self.padded_out, self.padded_in))
+
+    @torch.no_grad()
+    def load_saved_qweight(self, saved: torch.Tensor) -> None:
+        """Set qweight from its checkpoint tensor: for int4, `pack_nibbles`' layout packed for this CPU."""
+        if self.cfg.mode == "int8":
+            self.qweight = saved
+            return
+        self.qweight = torch.empty(self.padded_out, self.padded_in // 2, dtype=torch.uint8)
+        for r in range(0, self.padded_out, ROWS_PER_PASS):
+            values = unpack_nibbles(saved[r:r + ROWS_PER_PASS]).to(torch.int32)
+            self.qweight[r:r + ROWS_PER_PASS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The (out, in) weight the quantised values stand for."""
@@ -161,9 +217,11 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
-        if x.shape[0] > DENSE_ROWS:
+        if x.shape[0] > DENSE_ROWS and self.cfg.mode == "int8":
+            y = int8_dynamic_mm(x, self.qweight, self.scales)
+        elif x.shape[0] > DENSE_ROWS:
             return F.linear(x, self.dequantize(x.dtype), self.bias).view(*lead, self.out_features)
-        if self.cfg.mode == "int8":
+        elif self.cfg.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
         else:
             if self.padded_in != self.in_features:

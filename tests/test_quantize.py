@@ -17,7 +17,7 @@ from minillavamed import LlavaMed
 from minillavamed.checkpoint import CheckpointError, export_llava_hf
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset
 from minillavamed.quantize import (DENSE_ROWS, QuantConfig, QuantizedLinear, quantize_int4, quantize_int8,
-                                   unpack_int4)
+                                   pack_nibbles, unpack_int4, unpack_nibbles)
 
 MODES = ["int8", "int4-32", "int4"]
 
@@ -58,10 +58,18 @@ def test_quantized_linear_matches_its_dequantised_weight(mode, rows):
     for lin in (nn.Linear(688, 1376, bias=True), nn.Linear(1376 // 2, 256, bias=False)):
         q = QuantizedLinear.from_linear(lin, QuantConfig.parse(mode))
         x = torch.randn(2, rows, lin.in_features)
+        x_in = x.clone()
         y = q(x)
-        assert y.shape == (2, rows, lin.out_features)
-        torch.testing.assert_close(y, F.linear(x, q.dequantize(torch.float32), lin.bias), rtol=1e-4, atol=1e-4)
-        assert rel(y, lin(x)) < (0.01 if mode == "int8" else 0.1)
+        assert y.shape == (2, rows, lin.out_features) and torch.equal(x, x_in)
+        if mode == "int8" and rows > DENSE_ROWS:  # a prefill: int8 activations too, one scale per row
+            xs = x.reshape(-1, lin.in_features).double()
+            sx = xs.abs().amax(1, keepdim=True) / 127
+            want = (xs / sx).round() @ q.qweight.double().t() * sx * q.scales.double()
+            want = want if lin.bias is None else want + lin.bias.double()
+            torch.testing.assert_close(y, want.float().view_as(y), rtol=1e-4, atol=1e-4)
+        else:
+            torch.testing.assert_close(y, F.linear(x, q.dequantize(torch.float32), lin.bias), rtol=1e-4, atol=1e-4)
+        assert rel(y, lin(x)) < (0.015 if mode == "int8" else 0.1)
         yb = q.to(torch.bfloat16)(x.bfloat16())  # the dtype quantised models sample in
         assert yb.dtype == torch.bfloat16 and rel(yb, y) < 0.02
 
@@ -103,7 +111,8 @@ def test_quantized_model_tracks_the_float_model(tiny, tmp_path, mode):
     assert type(q.vision.blocks[0].fc1) is nn.Linear  # the vision tower stays float
     err = rel(q(ids, px)[0], ref_logits)
     print(mode, err)
-    assert err < {"int8": 0.05, "int4-32": 0.5, "int4": 0.7}[mode], err  # measured: 0.037, 0.4, 0.52
+    # measured: 0.054 (int8 activations in the prefill's products; weights alone: 0.037), 0.4, 0.52
+    assert err < {"int8": 0.07, "int4-32": 0.5, "int4": 0.7}[mode], err
     # Greedy tokens of random weights are near ties, so only the cached decode is checked here: it must give
     # the quantised model's own full-forward argmax (the trained model's agreement is in bench/RESULTS.md).
     with torch.inference_mode():
@@ -152,6 +161,18 @@ def test_quantized_checkpoint_round_trips(tiny, tmp_path, mode):
     assert back.quantization == q.quantization
     ids, px = prompt(tiny.cfg, seed=1)
     torch.testing.assert_close(back(ids, px)[0], q(ids, px)[0], rtol=0, atol=0)
+    if mode == "int4":  # saved as two inputs per byte whatever this CPU's kernel layout, so it loads on any CPU
+        from safetensors import safe_open
+
+        layer = q.decoder.blocks[0].gate_up
+        values, _ = quantize_int4(F.pad(tiny.decoder.blocks[0].gate_up.weight.bfloat16(),
+                                        (0, layer.padded_in - layer.in_features, 0,
+                                         layer.padded_out - layer.out_features)), layer.cfg.group_size)
+        key = "decoder.blocks.0.gate_up.qweight"
+        shard = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())["weight_map"][key]
+        with safe_open(str(tmp_path / "q" / shard), "pt") as f:
+            saved = f.get_tensor(key)
+        assert torch.equal(saved, pack_nibbles(values)) and torch.equal(unpack_nibbles(saved).int(), values)
     # A quantised checkpoint holds about a quarter (int8) or an eighth (int4) of the bytes of fp32 weights.
     size = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
     tiny.save_pretrained(tmp_path / "f")
