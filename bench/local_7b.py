@@ -177,27 +177,32 @@ def products(args) -> None:
 
         def dynamic_int8():  # int8 activations (per row) x int8 weights, int32 accumulation (VNNI)
             sx = x.abs().amax(1, keepdim=True) / 127
-            xq = (x / sx).round().to(torch.int8)
-            return torch._int_mm(xq, q8.t()).float() * sx * s8
+            return torch._int_mm((x / sx).round().to(torch.int8), q8.t()).float() * sx * s8
 
         cases = {
             "fp32 dense": (lambda: F.linear(x, w), 4),
             "bf16 dense (oneDNN)": (lambda: F.linear(xb, wb), 2),
             "int8 weight-only kernel": (lambda: torch.ops.aten._weight_int8pack_mm(xb, q8, s8b), 1),
+            "int8 weight-only kernel, fp32 activations": (lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8), 1),
             "int4 weight-only kernel (g128)": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
                 xb, q4, 128, int4.scales), 0.5),
+            "int4 weight-only kernel (g128), fp32 activations": (
+                lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4, 128, int4.scales.float()), 0.5),
             "int8 dequantised + bf16 dense": (lambda: F.linear(xb, int8.dequantize(torch.bfloat16)), 1),
             "int4 dequantised + bf16 dense": (lambda: F.linear(xb, int4.dequantize(torch.bfloat16)), 0.5),
         }
         if rows > 16:
-            cases["int8 x int8 dynamic (torch._int_mm)"] = (dynamic_int8, 1)
+            cases["int8 dequantised + fp32 dense"] = (lambda: F.linear(x, int8.dequantize(torch.float32)), 1)
+            cases["int4 dequantised + fp32 dense"] = (lambda: F.linear(x, int4.dequantize(torch.float32)), 0.5)
+            cases["int8 x int8 dynamic activations (torch._int_mm)"] = (dynamic_int8, 1)
         times = {k: [] for k in cases}
         for _ in range(args.repeats + 1):  # interleaved; the first round warms up and is dropped
             for name, (fn, _) in cases.items():
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
-        print(f"\n{rows} row(s) x 4096 -> 14336, {args.threads} threads, median of {args.repeats}")
+        print(f"\n{rows} row(s) x 4096 -> 14336, {args.threads} threads, median of {args.repeats}, "
+              f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
         print("| product | ms | weight GB/s | GFLOP/s |\n|---|---|---|---|")
         for name, (_, bytes_per) in cases.items():
             t = statistics.median(times[name][1:])

@@ -9,12 +9,10 @@ second. Only torch's own CPU kernels run the products (no new dependency):
   with q in 0..15 and one (scale, zero) per `group` consecutive inputs of a row (asymmetric, as in GPTQ/AWQ
   checkpoints and llama.cpp's Q4_1).
 
-Those kernels are built for a few rows at a time, and a prefill of hundreds of positions (an image question
-is about 628) is 8x slower through them than through a GEMM. Above `DENSE_ROWS` rows:
-- int8 quantises the activations too, per row, and multiplies int8 by int8 with int32 sums (`torch._int_mm`,
-  AVX512-VNNI), as llama.cpp multiplies its Q8_0 weights by Q8 activations; no float copy of the weight;
-- int4 has no such kernel on x86, so its layer dequantises the weight for that one product (oneDNN's GEMM).
-bench/local_7b.py --products measures every path.
+Those kernels are built for a few rows at a time. A prefill of hundreds of positions (an image question is
+about 628) is faster through a dense GEMM, so above `DENSE_ROWS` rows a layer dequantises its weight for that
+one product, in bf16 where oneDNN has a bf16 GEMM (AVX512) and in fp32 elsewhere: on an AVX2 CPU the bf16
+GEMM is 4.7x slower than fp32's (bench/local_7b.py --products measures every path; bench/RESULTS.md).
 
 `QuantizedLinear` replaces an nn.Linear module; the decoder calls it as a module (see decoder.linear). The
 int4 weight is kept in the kernel's own packed layout, which depends on the CPU: blocks of 64 output rows
@@ -96,12 +94,10 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     return q, torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()
 
 
-def int8_dynamic_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (rows, in) float @ (qweight * scales).T, with x quantised to int8 per row (symmetric, max |x| -> 127)."""
-    xf = x.float()
-    sx = torch.linalg.vector_norm(xf, ord=float("inf"), dim=1, keepdim=True).clamp_(min=1e-8).div_(127)
-    xq = (xf / sx).round_().to(torch.int8)  # |x / sx| <= 127 by construction; x itself stays as it is
-    return torch._int_mm(xq, qweight.t()).float().mul_(sx).mul_(scales.float()).to(x.dtype)
+@functools.cache
+def dense_dtype() -> torch.dtype:
+    """The dtype of a quantised layer's prefill GEMM: bf16 where oneDNN runs bf16 natively, else fp32."""
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
 def _unpack_blocks(packed: torch.Tensor, out: int, inp: int, block: int) -> torch.Tensor:
@@ -217,11 +213,12 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
-        if x.shape[0] > DENSE_ROWS and self.cfg.mode == "int8":
-            y = int8_dynamic_mm(x, self.qweight, self.scales)
-        elif x.shape[0] > DENSE_ROWS:
-            return F.linear(x, self.dequantize(x.dtype), self.bias).view(*lead, self.out_features)
-        elif self.cfg.mode == "int8":
+        if x.shape[0] > DENSE_ROWS:
+            dense = dense_dtype()
+            bias = None if self.bias is None else self.bias.to(dense)
+            y = F.linear(x.to(dense), self.dequantize(dense), bias).to(x.dtype)
+            return y.view(*lead, self.out_features)
+        if self.cfg.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
         else:
             if self.padded_in != self.in_features:

@@ -61,15 +61,8 @@ def test_quantized_linear_matches_its_dequantised_weight(mode, rows):
         x_in = x.clone()
         y = q(x)
         assert y.shape == (2, rows, lin.out_features) and torch.equal(x, x_in)
-        if mode == "int8" and rows > DENSE_ROWS:  # a prefill: int8 activations too, one scale per row
-            xs = x.reshape(-1, lin.in_features).double()
-            sx = xs.abs().amax(1, keepdim=True) / 127
-            want = (xs / sx).round() @ q.qweight.double().t() * sx * q.scales.double()
-            want = want if lin.bias is None else want + lin.bias.double()
-            torch.testing.assert_close(y, want.float().view_as(y), rtol=1e-4, atol=1e-4)
-        else:
-            torch.testing.assert_close(y, F.linear(x, q.dequantize(torch.float32), lin.bias), rtol=1e-4, atol=1e-4)
-        assert rel(y, lin(x)) < (0.015 if mode == "int8" else 0.1)
+        torch.testing.assert_close(y, F.linear(x, q.dequantize(torch.float32), lin.bias), rtol=1e-4, atol=1e-4)
+        assert rel(y, lin(x)) < (0.01 if mode == "int8" else 0.1)
         yb = q.to(torch.bfloat16)(x.bfloat16())  # the dtype quantised models sample in
         assert yb.dtype == torch.bfloat16 and rel(yb, y) < 0.02
 
@@ -111,8 +104,7 @@ def test_quantized_model_tracks_the_float_model(tiny, tmp_path, mode):
     assert type(q.vision.blocks[0].fc1) is nn.Linear  # the vision tower stays float
     err = rel(q(ids, px)[0], ref_logits)
     print(mode, err)
-    # measured: 0.054 (int8 activations in the prefill's products; weights alone: 0.037), 0.4, 0.52
-    assert err < {"int8": 0.07, "int4-32": 0.5, "int4": 0.7}[mode], err
+    assert err < {"int8": 0.05, "int4-32": 0.5, "int4": 0.7}[mode], err  # measured: 0.037, 0.4, 0.52
     # Greedy tokens of random weights are near ties, so only the cached decode is checked here: it must give
     # the quantised model's own full-forward argmax (the trained model's agreement is in bench/RESULTS.md).
     with torch.inference_mode():
