@@ -66,7 +66,9 @@ def write_gguf(checkpoint: Path, out: Path) -> None:
     def permute(w: torch.Tensor, heads: int) -> torch.Tensor:  # convert_hf_to_gguf.py's LlamaModel.permute
         return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-    writer = gguf.GGUFWriter(str(out), "llama")
+    partial = out.with_suffix(".partial")  # renamed when complete, so that a killed write is never reused
+    # Each tensor goes to a temporary file as it is converted: held in memory, a 7B model's would be 14.5 GB.
+    writer = gguf.GGUFWriter(str(partial), "llama", use_temp_file=True)
     writer.add_name("minillavamed-bench")
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.dim)
@@ -111,6 +113,7 @@ def write_gguf(checkpoint: Path, out: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    os.replace(partial, out)
 
 
 def quantise(f16: Path, out: Path, fmt: str) -> None:
@@ -119,7 +122,9 @@ def quantise(f16: Path, out: Path, fmt: str) -> None:
             "p = llama_cpp.llama_model_quantize_default_params()\n"
             f"p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_{fmt}\n"
             "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))\n")
-    subprocess.run([str(PYTHON), "-c", code, str(f16), str(out)], check=True)
+    partial = out.with_suffix(".partial")
+    subprocess.run([str(PYTHON), "-c", code, str(f16), str(partial)], check=True)
+    os.replace(partial, out)
 
 
 def child(path: Path, threads: int, new_tokens: int) -> dict:

@@ -12,7 +12,7 @@ second. Only torch's own CPU kernels run the products (no new dependency):
 Those kernels are built for a few rows at a time. A prefill of hundreds of positions (an image question is
 about 628) is faster through a dense GEMM, so above `DENSE_ROWS` rows a layer dequantises its weight for that
 one product, in bf16 where oneDNN has a bf16 GEMM (AVX512) and in fp32 elsewhere: on an AVX2 CPU the bf16
-GEMM is 4.7x slower than fp32's (bench/local_7b.py --products measures every path; bench/RESULTS.md).
+GEMM is about 5x slower than fp32's at 628 rows (bench/local_7b.py --products measures every path; bench/RESULTS.md).
 
 `QuantizedLinear` replaces an nn.Linear module; the decoder calls it as a module (see decoder.linear). The
 int4 weight is kept in the kernel's own packed layout, which depends on the CPU: blocks of 64 output rows

@@ -29,7 +29,9 @@ def tree_files() -> list[str]:
     """Every .py file the table must account for, relative to the repository root."""
     files = [p for p in (ROOT / PACKAGE).glob("*.py")] + list(ROOT.glob("*.py"))
     files += [p for d in DIRECTORY_ROWS for p in (ROOT / d).rglob("*.py")]
-    return sorted(p.relative_to(ROOT).as_posix() for p in files)
+    # Hidden folders are not the project's: bench/.venv-llamacpp is the venv bench/llamacpp_compare.py makes.
+    paths = (p.relative_to(ROOT) for p in files)
+    return sorted(p.as_posix() for p in paths if not any(part.startswith(".") for part in p.parts))
 
 
 def row_of(path: str) -> str:
