@@ -30,10 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Above DENSE_ROWS rows the dequantised dense product (in dense_dtype) beats the weight-only kernels.
+from minillavamed.decoder import DENSE_ROWS, dense_dtype
+
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-# Rows (batch x positions) above which the dequantised dense product beats the weight-only kernels.
-DENSE_ROWS = 16
 INT4_PAD = 64  # int4 output rows are padded to a multiple of the largest kernel block (kernel_block_n)
 # Output rows quantised per pass (a multiple of INT4_PAD): the fp32 temporaries of one pass over a 7B
 # layer's 28672 rows would be 0.5 GB each, more than the int4 layer itself.
@@ -92,12 +93,6 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     zeros = lo + 8 * scales
     q = g.sub_(lo).div_(scales).round_().clamp_(0, 15).to(torch.int32).reshape(out, inp)
     return q, torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()
-
-
-@functools.cache
-def dense_dtype() -> torch.dtype:
-    """The dtype of a quantised layer's prefill GEMM: bf16 where oneDNN runs bf16 natively, else fp32."""
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
 def _unpack_blocks(packed: torch.Tensor, out: int, inp: int, block: int) -> torch.Tensor:

@@ -375,3 +375,23 @@ def test_import_is_light():
             "dt = time.perf_counter() - t; assert 'torch' not in sys.modules, 'imported torch'; print(dt)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout) < 1.0
+
+
+@pytest.mark.parametrize("dense", [torch.float32, torch.bfloat16])
+def test_a_bf16_prefill_multiplies_in_the_cpus_fast_dtype(monkeypatch, dense):
+    # Where oneDNN has no bf16 GEMM (AVX2), a bf16 product of many rows is about 5x faster in fp32: the weight and
+    # the input cast exactly, so the result is the fp32 product rounded once. Decode rows keep bf16's own product.
+    import torch.nn.functional as F
+
+    from minillavamed import decoder
+
+    monkeypatch.setattr(decoder, "dense_dtype", lambda: dense)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False).bfloat16()
+    x = torch.randn(2, decoder.DENSE_ROWS, 64).bfloat16()
+    y = decoder.linear(x, lin)
+    want = F.linear(x.float(), lin.weight.float()).bfloat16() if dense is torch.float32 else F.linear(x, lin.weight)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    torch.testing.assert_close(y, F.linear(x, lin.weight))  # bf16's tolerance of its own product
+    one = x[:1, :1]
+    assert torch.equal(decoder.linear(one, lin), F.linear(one, lin.weight))
