@@ -84,8 +84,8 @@ DENSE_ROWS = 16
 
 @functools.cache
 def dense_dtype() -> torch.dtype:
-    """The dtype a bf16 model's CPU GEMMs run fastest in: bf16 where oneDNN has a bf16 GEMM (AVX512), else fp32
-    (on an AVX2 CPU bf16 is about 5x slower at 628 rows: bench/RESULTS.md, issue 17)."""
+    """The dtype bf16 activations' CPU GEMMs run fastest in: bf16 where oneDNN has a bf16 GEMM (AVX512), else
+    fp32 (on an AVX2 CPU bf16 is about 5x slower at 628 rows: bench/RESULTS.md, issue 17)."""
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 

@@ -209,7 +209,8 @@ class QuantizedLinear(nn.Module):
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
         if x.shape[0] > DENSE_ROWS:
-            dense = dense_dtype()
+            # fp32 activations stay fp32; bf16 ones multiply in fp32 where the CPU has no bf16 GEMM
+            dense = torch.float32 if dense_dtype() is torch.float32 else x.dtype
             bias = None if self.bias is None else self.bias.to(dense)
             y = F.linear(x.to(dense), self.dequantize(dense), bias).to(x.dtype)
             return y.view(*lead, self.out_features)
