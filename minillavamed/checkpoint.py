@@ -443,7 +443,8 @@ def _load_quantized(model_class, path: Path, meta: dict, files: WeightFiles, qua
     cfg = _our_config(path, meta)
     with torch.device("meta"):
         model = model_class(cfg)
-    empty_quantized(model, saved, dtype)
+    # The layers saved quantised: checkpoints written before the vision tower was quantised keep it in bf16.
+    empty_quantized(model, saved, dtype, [n for n in quantized_names(model) if f"{n}.qweight" in files.where])
     model.quantization = saved
     state = model.state_dict(keep_vars=True)
     if cfg.decoder.tie_embeddings:
@@ -550,7 +551,9 @@ def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, devic
         wanted.discard("decoder.lm_head.weight")
     for files, pairs, unused in sources:
         _check_unexpected(files, pairs, unused)
-        for ours, theirs in pairs:
+        # A layer's parameters one after another (key maps list a block's weights, then its biases), so that
+        # each quantised layer's float weight is freed before the next one's is read.
+        for ours, theirs in sorted(pairs, key=lambda pair: pair[0].rpartition(".")[0]):
             _set_param(model, ours, _read(files, ours, theirs, tuple(params[ours].shape)).to(device=device, dtype=dtype))
             wanted.discard(ours)
             owner = ours.rpartition(".")[0]

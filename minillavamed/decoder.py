@@ -8,8 +8,6 @@ image features in among the words (see llava.py). A KV cache makes generation in
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minillavamed.attention import attention, attention_varlen
 from minillavamed.config import DecoderConfig
+from minillavamed.gemm import linear
 
 
 class RMSNorm(nn.Module):
@@ -76,33 +75,6 @@ class KVCache:
         keys[:, self.length:end] = k
         values[:, self.length:end] = v
         return keys[:, :end], values[:, :end]
-
-
-# Rows (batch x positions) above which a product is a GEMM rather than a matrix-vector product.
-DENSE_ROWS = 16
-
-
-@functools.cache
-def dense_dtype() -> torch.dtype:
-    """The dtype bf16 activations' CPU GEMMs run fastest in: bf16 where oneDNN has a bf16 GEMM (AVX512), else
-    fp32 (on an AVX2 CPU bf16 is about 5x slower at 628 rows: bench/RESULTS.md, issue 17)."""
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-
-
-def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """x through a projection: F.linear on a plain nn.Linear's weight, else the module (a QuantizedLinear).
-
-    F.linear rather than calling the module: a module call's overhead is a large part of each small product
-    when decoding (bench/RESULTS.md, "Speed choices"). A bf16 prefill on a CPU without a bf16 GEMM multiplies
-    in fp32 (exact casts, the same fp32 sums, one rounding of the result).
-    """
-    if type(module) is not nn.Linear:
-        return module(x)
-    w = module.weight
-    if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.numel() > DENSE_ROWS * x.shape[-1] and dense_dtype() is torch.float32):
-        return F.linear(x.float(), w.float()).to(x.dtype)
-    return F.linear(x, w)
 
 
 class Attention(nn.Module):

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minillavamed.config import ProjectorConfig
+from minillavamed.gemm import linear
 
 
 class Projector(nn.Module):
@@ -22,7 +23,7 @@ class Projector(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = self.linears[0](features)
-        for linear in self.linears[1:]:
-            x = linear(F.gelu(x))  # exact (erf) GELU, as nn.GELU() in LLaVA's builder
+        x = linear(features, self.linears[0])
+        for layer in self.linears[1:]:
+            x = linear(F.gelu(x), layer)  # exact (erf) GELU, as nn.GELU() in LLaVA's builder
         return x

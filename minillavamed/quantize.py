@@ -14,10 +14,10 @@ about 628) is faster through a dense GEMM, so above `DENSE_ROWS` rows a layer de
 one product, in bf16 where oneDNN has a bf16 GEMM (AVX512) and in fp32 elsewhere: on an AVX2 CPU the bf16
 GEMM is about 5x slower than fp32's at 628 rows (bench/local_7b.py --products measures every path; bench/RESULTS.md).
 
-`QuantizedLinear` replaces an nn.Linear module; the decoder calls it as a module (see decoder.linear). The
-int4 weight is kept in the kernel's own packed layout, which depends on the CPU: blocks of 64 output rows
-with rows r and r + 32 sharing a byte where torch dispatches to AVX512, blocks of 32 (r and r + 16) elsewhere
-(`kernel_block_n`; `unpack_int4` reads it back). A checkpoint therefore holds int4 in a layout of its own,
+`QuantizedLinear` replaces an nn.Linear module of the vision tower, the projector or the decoder (gemm.linear
+calls it as a module). The int4 weight is kept in the kernel's own packed layout, which depends on the CPU:
+blocks of 64 output rows with rows r and r + 32 sharing a byte where torch dispatches to AVX512, blocks of 32
+(r and r + 16) elsewhere (`kernel_block_n`; `unpack_int4` reads it back). A checkpoint therefore holds int4 in a layout of its own,
 two inputs per byte (`pack_nibbles`), and loading packs it for the CPU at hand.
 """
 
@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Above DENSE_ROWS rows the dequantised dense product (in dense_dtype) beats the weight-only kernels.
-from minillavamed.decoder import DENSE_ROWS, dense_dtype
+from minillavamed.gemm import DENSE_ROWS, dense_dtype
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -232,12 +232,12 @@ class QuantizedLinear(nn.Module):
 
 
 def quantized_names(model: nn.Module) -> list[str]:
-    """The linear layers weight-only quantisation replaces: the decoder's and the projector's (the output
-    layer too, unless it shares its weight with the embeddings). The vision tower stays as it is: it runs
-    once per image, as a prefill, where the dense product is the fast one anyway."""
+    """The linear layers weight-only quantisation replaces: the vision tower's, the projector's and the
+    decoder's (the output layer too, unless it shares its weight with the embeddings). The vision tower runs
+    once per image, as a prefill, so quantising it saves memory (0.45 GB of ViT-L/14 in int4) rather than time."""
     names = []
-    for prefix in ("decoder.", "projector."):
-        for name, module in model.get_submodule(prefix[:-1]).named_modules(prefix=prefix[:-1]):
+    for part in ("vision", "projector", "decoder"):
+        for name, module in model.get_submodule(part).named_modules(prefix=part):
             if isinstance(module, nn.Linear):
                 names.append(name)
     if model.cfg.decoder.tie_embeddings:
@@ -258,9 +258,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> None:
         del linear  # the float weight is freed as soon as its layer is quantised
 
 
-def empty_quantized(model: nn.Module, cfg: QuantConfig, dtype: torch.dtype) -> None:
-    """Give a model (on the meta device) the quantised layers a saved quantised checkpoint fills."""
-    for name in quantized_names(model):
+def empty_quantized(model: nn.Module, cfg: QuantConfig, dtype: torch.dtype, names: list[str]) -> None:
+    """Give a model (on the meta device) the quantised layers `names` that a saved quantised checkpoint fills."""
+    for name in names:
         linear = model.get_submodule(name)
         replace_module(model, name, QuantizedLinear(linear.in_features, linear.out_features,
                                                     linear.bias is not None, cfg, dtype, linear.weight.device))

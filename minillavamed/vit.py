@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from minillavamed.attention import attention
 from minillavamed.config import VisionConfig
+from minillavamed.gemm import linear
 
 
 class VisionAttention(nn.Module):
@@ -25,8 +26,8 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.wqkv(x).view(b, t, 3, self.heads, -1).unbind(2)
-        return self.wo(attention(q, k, v, causal=False, backend=backend).reshape(b, t, -1))
+        q, k, v = linear(x, self.wqkv).view(b, t, 3, self.heads, -1).unbind(2)
+        return linear(attention(q, k, v, causal=False, backend=backend).reshape(b, t, -1), self.wo)
 
 
 class VisionBlock(nn.Module):
@@ -42,8 +43,8 @@ class VisionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), backend)
-        h = self.fc1(self.norm2(x))
-        return x + self.fc2(h * torch.sigmoid(1.702 * h))  # quick-GELU, what CLIP was trained with
+        h = linear(self.norm2(x), self.fc1)
+        return x + linear(h * torch.sigmoid(1.702 * h), self.fc2)  # quick-GELU, what CLIP was trained with
 
 
 class VisionTower(nn.Module):

@@ -383,15 +383,41 @@ def test_a_bf16_prefill_multiplies_in_the_cpus_fast_dtype(monkeypatch, dense):
     # the input cast exactly, so the result is the fp32 product rounded once. Decode rows keep bf16's own product.
     import torch.nn.functional as F
 
-    from minillavamed import decoder
+    from minillavamed import gemm
 
-    monkeypatch.setattr(decoder, "dense_dtype", lambda: dense)
+    monkeypatch.setattr(gemm, "dense_dtype", lambda: dense)
     torch.manual_seed(0)
-    lin = torch.nn.Linear(64, 32, bias=False).bfloat16()
-    x = torch.randn(2, decoder.DENSE_ROWS, 64).bfloat16()
-    y = decoder.linear(x, lin)
-    want = F.linear(x.float(), lin.weight.float()).bfloat16() if dense is torch.float32 else F.linear(x, lin.weight)
+    lin = torch.nn.Linear(64, 32).bfloat16()
+    x = torch.randn(2, gemm.DENSE_ROWS, 64).bfloat16()
+    y = gemm.linear(x, lin)
+    want = (F.linear(x.float(), lin.weight.float(), lin.bias.float()).bfloat16() if dense is torch.float32
+            else F.linear(x, lin.weight, lin.bias))
     assert y.dtype == torch.bfloat16 and torch.equal(y, want)
-    torch.testing.assert_close(y, F.linear(x, lin.weight))  # bf16's tolerance of its own product
+    torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias))  # bf16's tolerance of its own product
     one = x[:1, :1]
-    assert torch.equal(decoder.linear(one, lin), F.linear(one, lin.weight))
+    assert torch.equal(gemm.linear(one, lin), F.linear(one, lin.weight, lin.bias))
+
+
+def test_every_prefill_product_of_a_bf16_model_takes_the_fast_dtype(monkeypatch):
+    # The ViT and the projector as well as the decoder: an image question's 576 patches go through all three.
+    import torch.nn.functional as F
+
+    from minillavamed import gemm
+
+    calls = []
+
+    def spy(x, w, b=None):
+        calls.append((x.shape[:-1].numel(), x.dtype, w.dtype))
+        return F.linear(x, w, b)
+
+    monkeypatch.setattr(gemm, "dense_dtype", lambda: torch.float32)
+    monkeypatch.setattr(gemm, "F", type("F", (), {"linear": staticmethod(spy)}))
+    torch.manual_seed(0)
+    model = LlavaMed(preset("tiny")).to(torch.bfloat16).eval()
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, 6, 7]])
+    with torch.no_grad():
+        model(ids, torch.randn(1, 3, 64, 64).bfloat16())
+    vit_layers = model.cfg.vision.layers + model.cfg.vision.select_layer + 1  # blocks up to the selected one
+    assert len(calls) >= 4 * vit_layers + 2 + 4 * model.cfg.decoder.layers
+    prefill = [c for c in calls if c[0] > gemm.DENSE_ROWS]
+    assert prefill and all(c[1:] == (torch.float32, torch.float32) for c in prefill), prefill

@@ -100,11 +100,11 @@ def test_quantized_model_tracks_the_float_model(tiny, tmp_path, mode):
     ids, px = prompt(tiny.cfg)
     ref_logits = tiny(ids, px)[0]
     q = LlavaMed.from_pretrained(tmp_path, quantize=mode).eval()
-    assert type(q.decoder.blocks[0].gate_up) is QuantizedLinear and type(q.projector.linears[0]) is QuantizedLinear
-    assert type(q.vision.blocks[0].fc1) is nn.Linear  # the vision tower stays float
+    assert all(type(m) is QuantizedLinear for m in (q.decoder.blocks[0].gate_up, q.projector.linears[0],
+                                                     q.vision.blocks[0].fc1, q.vision.blocks[0].attn.wqkv))
     err = rel(q(ids, px)[0], ref_logits)
     print(mode, err)
-    assert err < {"int8": 0.05, "int4-32": 0.5, "int4": 0.7}[mode], err  # measured: 0.037, 0.4, 0.52
+    assert err < {"int8": 0.06, "int4-32": 0.6, "int4": 0.8}[mode], err  # measured: 0.042, 0.45, 0.59 (ViT quantised too)
     # Greedy tokens of random weights are near ties, so only the cached decode is checked here: it must give
     # the quantised model's own full-forward argmax (the trained model's agreement is in bench/RESULTS.md).
     with torch.inference_mode():
@@ -122,7 +122,7 @@ def test_loading_quantises_layer_by_layer(tiny, tmp_path, monkeypatch):
     def spy(cls, linear, cfg):
         model = spy.model
         seen.append(sum(type(m) is nn.Linear and not m.weight.is_meta
-                        for name, m in model.named_modules() if name.startswith(("decoder.", "projector."))))
+                        for name, m in model.named_modules() if name.startswith(("vision.", "decoder.", "projector."))))
         return original(cls, linear, cfg)
 
     import minillavamed.checkpoint as ckpt
@@ -136,8 +136,26 @@ def test_loading_quantises_layer_by_layer(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "_fill", fill)
     monkeypatch.setattr(QuantizedLinear, "from_linear", classmethod(spy))
     model = LlavaMed.from_pretrained(tmp_path, quantize="int8")
-    assert len(seen) == 4 * 4 + 2 + 1 and max(seen) == 1  # 4 per block, the projector's 2, the output layer
-    assert not any(type(m) is nn.Linear for n, m in model.named_modules() if n.startswith(("decoder.", "projector.")))
+    # 4 per ViT and decoder block, the projector's 2, the output layer
+    assert len(seen) == 4 * 4 + 4 * 4 + 2 + 1 and max(seen) == 1
+    assert not any(type(m) is nn.Linear for m in model.modules())
+
+
+@pytest.mark.slow
+def test_a_checkpoint_quantised_before_the_vision_tower_was_still_loads(tiny, tmp_path, monkeypatch):
+    import minillavamed.quantize as quantize
+
+    everything = quantize.quantized_names
+    monkeypatch.setattr(quantize, "quantized_names", lambda m: [n for n in everything(m) if not n.startswith("vision.")])
+    old = LlavaMed(tiny.cfg)
+    old.load_state_dict(tiny.state_dict())
+    old = old.eval().quantize("int8")
+    old.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    back = LlavaMed.from_pretrained(tmp_path).eval()
+    assert type(back.vision.blocks[0].fc1) is nn.Linear and type(back.decoder.blocks[0].gate_up) is QuantizedLinear
+    ids, px = prompt(tiny.cfg)
+    torch.testing.assert_close(back(ids, px)[0], old(ids, px)[0], rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -1,0 +1,40 @@
+"""Every linear layer's product, in the one place that knows which GEMM a CPU runs fastest.
+
+Not part of the paper: sampling LLaVA-Med on a laptop is a prefill of about 628 positions (576 of them image
+patches) through the ViT, the projector and the decoder, then one position at a time. oneDNN has a bf16 GEMM
+only on AVX512 CPUs; elsewhere a bf16 product of hundreds of rows is about 5x slower than the same product in
+fp32 (bench/RESULTS.md, issue 17), so there such products multiply in fp32: exact casts, the same fp32 sums,
+one rounding of the result.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Rows (batch x positions) above which a product is a GEMM rather than a matrix-vector product.
+DENSE_ROWS = 16
+
+
+@functools.cache
+def dense_dtype() -> torch.dtype:
+    """The dtype bf16 activations' CPU GEMMs run fastest in: bf16 where oneDNN has a bf16 GEMM (AVX512), else
+    fp32."""
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """x through a linear layer: F.linear on a plain nn.Linear's weights, else the module (a QuantizedLinear).
+
+    F.linear rather than calling the module: a module call's overhead is a large part of each small product
+    when decoding (bench/RESULTS.md, "Speed choices")."""
+    if type(module) is not nn.Linear:
+        return module(x)
+    w, b = module.weight, module.bias
+    if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.numel() > DENSE_ROWS * x.shape[-1] and dense_dtype() is torch.float32):
+        return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+    return F.linear(x, w, b)
