@@ -78,6 +78,8 @@ class TrainConfig:
                           "cut and counted; 0: the stage's default")
     grad_clip: float = opt(1.0, "gradient norm clip, > 0")
     val_size: int = opt(64, "records held out of --data for the validation loss")
+    train_records: int = opt(0, "train on the first N records left after the validation hold-out (the paper's "
+                                "10K of its 60K conversations); 0: all")
     eval_questions: int = opt(0, "VQA questions per evaluation; 0: all")
     log_interval: int = opt(10, "optimizer steps between log lines, >= 1")
     eval_interval: int = opt(0, "optimizer steps between evaluations; 0: only at the end")
@@ -134,7 +136,8 @@ def _flag_types() -> dict:
         "warmup_ratio": dict(type=_number(float, low=0, high=1)),
         "global_batch": dict(type=zero_default), "micro_batch": dict(type=zero_default),
         "max_len": dict(type=zero_default), "grad_clip": dict(type=_number(float, above=0)),
-        "val_size": dict(type=_number(int, low=0)), "eval_questions": dict(type=_number(int, low=0)),
+        "val_size": dict(type=_number(int, low=0)), "train_records": dict(type=_number(int, low=0)),
+        "eval_questions": dict(type=_number(int, low=0)),
         "log_interval": dict(type=at_least_one), "eval_interval": dict(type=_number(int, low=0)),
         "ckpt_interval": dict(type=at_least_one), "keep_last": dict(type=at_least_one),
         "peak_tflops": dict(type=_number(float, low=0)), "num_workers": dict(type=_number(int, low=-1)),
@@ -150,8 +153,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def stage_defaults() -> str:
+    def listed(table: dict) -> str:
+        own = "the model's own"
+        return ", ".join(f"{key} {own if v is None else v}" for key, v in table.items())
+
     rows = [f"  stage {k}: " + ", ".join(f"{key} {v}" for key, v in STAGES[k].items() if v is not None) +
-            f" (synthetic world: {', '.join(f'{key} {v}' for key, v in TINY_STAGES[k].items())})" for k in STAGES]
+            f" (synthetic world: {listed(TINY_STAGES[k])})" for k in STAGES]
     return "stage defaults, for the options left out (or 0):\n" + "\n".join(rows)
 
 
@@ -192,7 +199,7 @@ def fill_defaults(cfg: TrainConfig) -> TrainConfig:
         raise SystemExit("--init_from is required: the checkpoint this stage starts from")
     if cfg.init_from and not Path(cfg.init_from).is_dir():
         raise SystemExit(f"--init_from {cfg.init_from}: no such checkpoint; run the previous stage first")
-    cfg.conv = cfg.conv or (STAGES[cfg.stage]["conv"] or "")
+    cfg.conv = cfg.conv or (table["conv"] or "")
     cuda = torch.cuda.is_available()
     cfg.device = cfg.device or ("cuda" if cuda else "cpu")
     cfg.dtype = cfg.dtype or default_dtype(cfg.device)
@@ -341,12 +348,12 @@ def save_checkpoint(out: Path, it: int, model, optimizer, cfg: TrainConfig, d: D
 
 
 # ------------------------------------------------------------------------------------ before any work
-RUN_FILES = ("train_config.json", "metrics.jsonl", "eval.json", "checkpoints")
+RUN_FILES = ("train_config.json", "metrics.jsonl", "eval.json", "answers.jsonl", "checkpoints")
 # What --resume must share with the run it continues: the data, the model it started from and the
 # optimization. Lengths (max_iters, epochs), intervals, devices and kernels may change.
 RESUME_KEYS = ("stage", "data", "image_folder", "init_from", "vision_tower", "preset", "conv", "lr",
                "min_lr_ratio", "weight_decay", "warmup_ratio", "global_batch", "max_len", "grad_clip", "val_size",
-               "seed")
+               "train_records", "seed")
 PATH_KEYS = ("data", "image_folder", "init_from", "vision_tower")
 
 
@@ -684,8 +691,8 @@ def build_datasets(cfg: TrainConfig, data: Data, model: LlavaMed, template, toke
     processor = ImageProcessor.for_model(model.cfg.vision.image_size, model.cfg.image_aspect_ratio)
     held = set(torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.val_size].tolist())
     source = ",".join(data.files)
-    train_set = build_dataset([r for i, r in enumerate(records) if i not in held], cfg, template, tokenizer,
-                              processor, model.cfg, data.image_folder, source)
+    train = [r for i, r in enumerate(records) if i not in held][: cfg.train_records or None]
+    train_set = build_dataset(train, cfg, template, tokenizer, processor, model.cfg, data.image_folder, source)
     val_set = build_dataset([records[i] for i in sorted(held)], cfg, template, tokenizer, processor, model.cfg,
                             data.image_folder, source)
     for name, ds in (("train", train_set), ("val", val_set)):
@@ -809,8 +816,8 @@ def evaluate(run: Run, it: int) -> dict:
         if cfg.fsdp:  # generate() calls submodules directly, so gather the root's shards by hand
             model.unshard()
         with run.autocast:
-            answers = answer_questions(assistant, questions_from_vqa(eval_gt), run.data.image_folder, batch_size=32,
-                                       max_new_tokens=32)
+            questions = questions_from_vqa(eval_gt)
+            answers = answer_questions(assistant, questions, run.data.image_folder, batch_size=32, max_new_tokens=32)
         if cfg.fsdp:
             model.reshard()
         scores = score_vqa(eval_gt, {str(r["id"]): a for r, a in zip(eval_gt, answers)})["scores"]
@@ -819,6 +826,10 @@ def evaluate(run: Run, it: int) -> dict:
                       open_recall=(opened.get("open_recall") or 0) / 100, n_questions=len(eval_gt))
         if d.master:
             (run.out / "eval.json").write_text(json.dumps(result, indent=2))
+            # Every answer beside its question, for per-slice scores (bench/curriculum.py) and for reading.
+            (run.out / "answers.jsonl").write_text("".join(
+                json.dumps({"id": str(q["question_id"]), "question": q["text"], "answer": a, "gt": q["answer"]}) + "\n"
+                for q, a in zip(questions, answers)))
     barrier(d)
     run.wrapped.train()
     return result

@@ -25,7 +25,7 @@ from minillavamed.synthetic import WorldConfig, generate_world
 from minillavamed.curriculum import set_trainable
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL_WORLD = WorldConfig(seed=3, image_size=64, n_pmc=48, n_instruct=48, n_vqa_train=8, n_vqa_test=4,
+SMALL_WORLD = WorldConfig(seed=3, image_size=64, n_pmc=48, n_instruct=36, n_vqa_train=8, n_vqa_test=4,
                           n_general=48)
 COMMON = ["--micro_batch", "4", "--global_batch", "8", "--max_len", "384", "--log_interval", "1",
           "--eval_questions", "4", "--val_size", "8", "--ckpt_interval", "3", "--seed", "5"]
@@ -76,6 +76,18 @@ def test_stage_zero_writes_the_contract_files(base):
     assert (result["iter"], result["n_questions"], result["closed_accuracy"], result["open_recall"]) == (10, 4, 0.0, 0.0)
     torch.testing.assert_close(result["val_loss"], 3.670178, rtol=0, atol=1e-4)
     assert [p.name for p in sorted((base / "checkpoints").glob("step-*"))] == ["step-0000009", "step-0000010"]
+
+
+def test_train_records_keeps_the_first_records_after_the_validation_hold_out(world, base, tmp_path, capsys):
+    # The paper's data-scale finding trains on 10K of its 60K conversations; the held-out validation set
+    # stays the one of the whole file, so the two runs' validation losses compare. Every answer is written.
+    out = tmp_path / "small"
+    assert train.main(args(world, 2, out, "--init_from", str(base), "--max_iters", "1", "--train_records", "5")) == 0
+    assert "stage 2: 5 samples" in capsys.readouterr().out
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    gt = json.loads(Path(world["vqa_test"]).read_text())[:4]
+    assert [(a["id"], a["gt"]) for a in answers] == [(r["id"], r["conversations"][1]["value"]) for r in gt]
+    assert all(isinstance(a["answer"], str) and a["question"] for a in answers)
 
 
 def test_eval_json_scores_the_answers_to_the_first_eval_questions(world, tmp_path, monkeypatch):
