@@ -176,8 +176,10 @@ def draw_histology(facts: dict, rng: np.random.Generator, n: int) -> Image.Image
         _stamp(img, rng.uniform(0, 1), rng.uniform(0, 1), r, r * rng.uniform(0.7, 1.0), nucleus,
                angle=rng.uniform(0, math.pi), soft=1.0, alpha=rng.uniform(0.7, 0.95))
     if facts["atypia"] == "yes":
-        for _ in range(int(rng.integers(4, 7))):
-            r = rng.uniform(0.05, 0.065)
+        # Twice the radius of a normal nucleus or more (~5 px at 64 px): the tiny vision tower sees 16 px
+        # patches, and at 3 px atypia was read at chance.
+        for _ in range(int(rng.integers(3, 6))):
+            r = rng.uniform(0.07, 0.085)
             _stamp(img, rng.uniform(0.12, 0.88), rng.uniform(0.12, 0.88), r, r * rng.uniform(0.75, 1.0),
                    atypical, angle=rng.uniform(0, math.pi), soft=1.0, wobble=_wobble(rng, 0.2))
     return _finish(img, rng, noise=0.015)
@@ -199,7 +201,8 @@ def draw_gross(facts: dict, rng: np.random.Generator, n: int) -> Image.Image:
     shade = 0.85 + 0.3 * _smooth_field(rng, n, 5)[..., None]  # uneven lighting of the cut surface
     img = img * shade
     if facts["lesion"] == "yes":
-        radius = 0.15 if facts["size"] == "large" else 0.07
+        # A small lesion still covers most of a 16 px patch at 64 px, so its colour can be read.
+        radius = 0.17 if facts["size"] == "large" else 0.1
         _stamp(img, cx + _jit(rng, 0.05), cy + _jit(rng, 0.04), radius, radius * 0.85,
                LESION_COLOURS[facts["color"]], angle=rng.uniform(0, math.pi), soft=1.5,
                wobble=_wobble(rng, 0.2))

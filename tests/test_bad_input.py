@@ -20,7 +20,7 @@ from minillavamed import LlavaMed
 from minillavamed.synthetic import WorldConfig, generate_world
 
 ROOT = Path(__file__).resolve().parent.parent
-WORLD = WorldConfig(seed=4, image_size=64, n_pmc=24, n_instruct=24, n_vqa_train=4, n_vqa_test=2, n_general=24)
+WORLD = WorldConfig(seed=4, image_size=64, n_pmc=24, n_instruct=16, n_vqa_train=4, n_vqa_test=2, n_general=24)
 SMALL = ["--micro_batch", "2", "--global_batch", "4", "--max_len", "384", "--log_interval", "1", "--val_size", "2",
          "--eval_questions", "1", "--seed", "5"]
 

@@ -24,7 +24,7 @@ import hf_oracle as hf
 from hf_oracle import llava_hf_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-WORLD = WorldConfig(seed=3, image_size=64, n_pmc=24, n_instruct=24, n_vqa_train=4, n_vqa_test=4, n_general=24)
+WORLD = WorldConfig(seed=3, image_size=64, n_pmc=24, n_instruct=16, n_vqa_train=4, n_vqa_test=4, n_general=24)
 COMMON = ["--micro_batch", "2", "--global_batch", "4", "--max_len", "384", "--log_interval", "1",
           "--eval_questions", "1", "--val_size", "4", "--seed", "5", "--max_iters", "1"]
 

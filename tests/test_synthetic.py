@@ -41,7 +41,7 @@ def test_same_seed_same_bytes_different_seed_different(world, tmp_path):
 
 
 def test_complete_world_is_reused_and_interrupted_one_regenerated(tmp_path):
-    cfg = syn.WorldConfig(image_size=32, n_pmc=5, n_instruct=5, n_vqa_train=5, n_vqa_test=5, n_general=5)
+    cfg = syn.WorldConfig(image_size=32, n_pmc=5, n_instruct=3, n_vqa_train=5, n_vqa_test=5, n_general=5)
     paths = syn.generate_world(tmp_path, cfg)
     image = Path(paths["image_folder"]) / "pmc_000000.png"
     image.unlink()
@@ -98,7 +98,8 @@ def test_record_formats(world):
         _check_conversation(r["conversations"], image_first_only=False)
     for split in ("vqa_train", "vqa_test"):
         for r in data[split]:
-            assert set(r) == {"id", "image", "conversations", "answer_type"} and len(r["conversations"]) == 2
+            assert set(r) == {"id", "image", "conversations", "answer_type", "slice"} and len(r["conversations"]) == 2
+            assert r["slice"] in ("seen", "caption-only")
             _check_conversation(r["conversations"], image_first_only=True)
             answer = r["conversations"][1]["value"]
             assert r["answer_type"] in ("CLOSED", "OPEN")
@@ -165,6 +166,7 @@ def test_conversations_hold_no_fact_absent_from_the_caption(world):
     captions = {r["pair_id"]: r["fig_caption"] for r in data["pmc"]}
     table = {q.text: q for q in syn.QUESTIONS}
     checks = {q: d for d, q in syn.MODALITY_CHECKS.items()}
+    value_checks = {text.format(v): (topic, v) for topic, (text, values) in syn.VALUE_CHECKS.items() for v in values}
     for r in data["instruct"]:
         caption = captions[r["id"]]
         facts = syn.parse_caption(caption)
@@ -177,6 +179,9 @@ def test_conversations_hold_no_fact_absent_from_the_caption(world):
                     assert a in caption
             elif q in checks:
                 assert a == ("yes" if checks[q] == syn.domain_of(facts) else "no")
+            elif q in value_checks:
+                topic, value = value_checks[q]
+                assert a == ("yes" if facts[topic] == value else "no"), (q, a, caption)
             else:
                 assert q in syn.DESCRIBE_PROMPTS
                 assert syn.parse_caption(a) == facts, (a, caption)
@@ -187,6 +192,41 @@ def test_conversations_hold_no_fact_absent_from_the_caption(world):
                for human, gpt in zip(*[iter(syn.conversation_from_caption(edited, np.random.default_rng(seed)))] * 2)
                if syn.normalize_question(human["value"]) == "where is the opacity?"]
     assert answers and set(answers) == {"left lower lobe"}
+
+
+def test_caption_only_concepts_stay_out_of_the_conversations(world):
+    # The paper's proportions: the alignment set shows concepts that no instruction conversation names,
+    # and the held-out VQA marks the questions that need one.
+    _, data = world
+    names = tuple(syn.CAPTION_ONLY.values())
+    shown = [r for r in data["pmc"] if any(v in r["fig_caption"] for v in names)]
+    assert shown and {r["id"] for r in data["instruct"]}.isdisjoint(r["pair_id"] for r in shown)
+    assert not [r["id"] for r in data["instruct"] if any(v in json.dumps(r["conversations"]) for v in names)]
+    sliced = [r for r in data["vqa_test"] if r["slice"] == "caption-only"]
+    assert 0 < len(sliced) < len(data["vqa_test"]) / 2
+    facts = {"modality": "histology", "stain": "trichrome", "density": "low", "atypia": "no"}
+    assert syn.vqa_slice(facts, "what stain is used?") == syn.vqa_slice(facts, "is the cell density high?") == "caption-only"
+    assert syn.vqa_slice(dict(facts, stain="ihc"), "is the section trichrome-stained?") == "caption-only"
+    assert syn.vqa_slice(dict(facts, stain="ihc"), "what stain is used?") == "seen"
+    ct = {"modality": "ct", "region": "abdomen", "lesion": "yes", "size": "small", "side": "left", "organ": "kidney"}
+    assert syn.vqa_slice(ct, "is there a lesion?") == "caption-only"
+    assert syn.vqa_slice({"modality": "ct", "region": "abdomen", "lesion": "no"}, "is there a lesion?") == "seen"
+
+
+def test_text_legends_are_written_from_the_type_or_from_notes_of_the_findings(world):
+    _, data = world
+    captions = {f"text_{r['pair_id']}": r["fig_caption"] for r in data["pmc"]}
+    with_notes = 0
+    for r in data["text"]:
+        request, legend = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        facts = syn.parse_caption(legend)
+        assert legend == captions[r["id"]] and "<image>" not in json.dumps(r)
+        head, _, notes = request.partition(" with these findings: ")
+        assert head.rstrip(".") == f"write a figure legend for {syn._article(facts['modality'])} {facts['modality']} image"
+        if notes:
+            with_notes += 1
+            assert sorted(notes.rstrip(".").split("; ")) == sorted(syn.finding_notes(facts)), (request, legend)
+    assert 0.3 < with_notes / len(data["text"]) < 0.7
 
 
 def test_conversations_ask_each_fact_once_before_the_description(world):
@@ -220,7 +260,7 @@ def test_text_only_baseline_on_hand_computed_example():
 
 @pytest.mark.slow
 def test_text_only_baseline_stays_near_chance(tmp_path):
-    cfg = syn.WorldConfig(seed=7, image_size=32, n_pmc=200, n_instruct=200, n_vqa_train=150, n_vqa_test=150,
+    cfg = syn.WorldConfig(seed=7, image_size=32, n_pmc=200, n_instruct=150, n_vqa_train=150, n_vqa_test=150,
                           n_general=0)
     result = syn.world_baseline(syn.generate_world(tmp_path, cfg))
     print("text-only baseline:", result)
@@ -234,7 +274,7 @@ def test_cli_writes_world_and_grid(tmp_path):
     grid = tmp_path / "grid.png"
     out = subprocess.run([sys.executable, "-m", "minillavamed.synthetic", "--out", str(tmp_path / "w"),
                           "--grid", str(grid),
-                          "--image_size", "48", "--n_pmc", "5", "--n_instruct", "5", "--n_vqa_train", "5",
+                          "--image_size", "48", "--n_pmc", "5", "--n_instruct", "3", "--n_vqa_train", "5",
                           "--n_vqa_test", "5", "--n_general", "5"], cwd=REPO, capture_output=True, text=True, check=True)
     assert "text-only baseline" in out.stdout
     with Image.open(grid) as im:
