@@ -127,9 +127,20 @@ def quantise(f16: Path, out: Path, fmt: str) -> None:
     os.replace(partial, out)
 
 
-def child(path: Path, threads: int, new_tokens: int) -> dict:
+def child(path: Path, threads: int, new_tokens: int, extra_bufts: bool) -> dict:
     """One format in this (venv) process: load, prefill of PROMPT tokens + first token, then decode."""
     import llama_cpp
+    import llama_cpp.llama_cpp as low_level
+
+    if not extra_bufts:  # Llama() does not expose the flag: it builds its parameters from this default
+        default = low_level.llama_model_default_params
+
+        def plain_buffers():
+            params = default()
+            params.use_extra_bufts = False
+            return params
+
+        low_level.llama_model_default_params = plain_buffers
 
     start = time.perf_counter()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT + new_tokens + 8, n_batch=1024, n_ubatch=1024,
@@ -158,10 +169,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new_tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--no_extra_bufts", action="store_true",
+                   help="load without llama.cpp's extra buffer types (its AMX and repacked-weight paths): with "
+                        "AMX-INT8 (Sapphire Rapids and later) its Q8_0 / Q4_0 prefill crashed on this GGUF")
     p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(child(args.child, args.threads, args.new_tokens)))
+        print(json.dumps(child(args.child, args.threads, args.new_tokens, not args.no_extra_bufts)))
         return 0
     config = args.dir / "config.json"
     if not config.exists():
@@ -183,7 +197,8 @@ def main(argv=None) -> int:
     for r in range(args.repeats):
         for fmt in args.formats:
             out = subprocess.run([str(PYTHON), __file__, "--child", str(paths[fmt]), "--threads", str(args.threads),
-                                  "--new_tokens", str(args.new_tokens)], check=True, capture_output=True, text=True)
+                                  "--new_tokens", str(args.new_tokens)] + ["--no_extra_bufts"] * args.no_extra_bufts,
+                                 check=True, capture_output=True, text=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             runs[fmt].append(row)
             print(f"repeat {r + 1} {fmt}: " + " ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)

@@ -194,25 +194,34 @@ class QuantizedLinear(nn.Module):
             values = unpack_nibbles(saved[r:r + ROWS_PER_PASS]).to(torch.int32)
             self.qweight[r:r + ROWS_PER_PASS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The (out, in) weight the quantised values stand for."""
+    def dequantize(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """The (out, in) weight the quantised values stand for, or its `rows` (int4: from a multiple of
+        INT4_PAD, as the kernel packs blocks of rows independently)."""
         # In place after one cast: each pass over a 7B layer's weight costs as much as a tenth of its prefill.
         if self.cfg.mode == "int8":
-            return self.qweight.to(dtype).mul_(self.scales[:, None].to(dtype))
+            return self.qweight[rows].to(dtype).mul_(self.scales[rows, None].to(dtype))
         g = self.cfg.group_size
-        scales, zeros = self.scales.transpose(0, 1).to(dtype).unbind(-1)  # (out, in / group) each
-        w = unpack_int4(self.qweight, self.padded_out, self.padded_in).view(self.padded_out, -1, g).to(dtype)
+        start, stop, _ = rows.indices(self.out_features)
+        end = _ceil_to(stop, INT4_PAD)  # whole blocks, cut back below
+        scales, zeros = self.scales[:, start:end].transpose(0, 1).to(dtype).unbind(-1)  # (rows, in / group) each
+        w = unpack_int4(self.qweight[start:end], end - start, self.padded_in).view(end - start, -1, g).to(dtype)
         w = w.mul_(scales[..., None]).add_((zeros - 8 * scales)[..., None])  # (q - 8) * scale + zero
-        return w.view(self.padded_out, self.padded_in)[:self.out_features, :self.in_features]
+        return w.view(end - start, self.padded_in)[:stop - start, :self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
         if x.shape[0] > DENSE_ROWS:
-            # fp32 activations stay fp32; bf16 ones multiply in fp32 where the CPU has no bf16 GEMM
+            # fp32 activations stay fp32; bf16 ones multiply in fp32 where the CPU has no bf16 GEMM. The weight
+            # is dequantised ROWS_PER_PASS output rows at a time, so that a prefill holds one slice of it in
+            # float (a 7B MLP layer's whole bf16 weight is 0.23 GB, more than int4 layers hold).
             dense = torch.float32 if dense_dtype() is torch.float32 else x.dtype
-            bias = None if self.bias is None else self.bias.to(dense)
-            y = F.linear(x.to(dense), self.dequantize(dense), bias).to(x.dtype)
+            xd = x.to(dense)
+            y = x.new_empty(x.shape[0], self.out_features)
+            for r in range(0, self.out_features, ROWS_PER_PASS):
+                rows = slice(r, r + ROWS_PER_PASS)
+                bias = None if self.bias is None else self.bias[rows].to(dense)
+                y[:, rows] = F.linear(xd, self.dequantize(dense, rows), bias)
             return y.view(*lead, self.out_features)
         if self.cfg.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)

@@ -253,6 +253,11 @@ def test_quantising_in_passes_of_rows_gives_the_whole_layers_result(mode, monkey
         values, scales = quantize_int4(F.pad(lin.weight, (0, 0, 0, 56)), 32)  # 256 rows: 4 blocks of 64
         assert torch.equal(whole.qweight, torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1))
         assert torch.equal(whole.scales, scales)
+    # A prefill dequantises the same passes of rows: 200 rows in 64s, the last one short of a block.
+    x = torch.randn(DENSE_ROWS + 3, 96)
+    torch.testing.assert_close(passes(x), F.linear(x, whole.dequantize(torch.float32), lin.bias), rtol=1e-5, atol=1e-5)
+    assert torch.equal(passes.dequantize(torch.float32, slice(128, 192)), whole.dequantize(torch.float32)[128:192])
+    assert torch.equal(passes.dequantize(torch.float32, slice(192, 256)), whole.dequantize(torch.float32)[192:])
 
 
 PEAK_CHILD = r"""
