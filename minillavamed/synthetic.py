@@ -6,8 +6,10 @@ paper and reads the caption text, never the scene:
   (a) figure-caption pairs (the input of generate_data.py) and stage-1 concept-alignment records
       (`llava_med_alignment_500k.json` style: a sampled "describe the figure" instruction -> caption);
   (b) stage-2 instruction-tuning conversations, written by rules standing in for GPT-4 that parse the
-      facts back out of the caption (`llava_med_instruct_60k.json` style);
-  (c) VQA train / held-out test sets on new images (VQA-RAD style closed yes/no and short open answers);
+      facts back out of the caption (`llava_med_instruct_60k.json` style), a tenth as many as (a), as in
+      the paper, and only from captions that show no CAPTION_ONLY concept;
+  (c) VQA train / held-out test sets on new images (VQA-RAD style closed yes/no and short open answers),
+      each question marked "seen" or "caption-only" (`vqa_slice`);
   (d) a general-domain set (shapes, colours, positions) for the from-scratch base model that stands in
       for LLaVA in the tiny curriculum.
 Question phrasings and answer words are the same in captions, conversations and VQA, so that stage 2
