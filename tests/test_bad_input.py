@@ -221,7 +221,8 @@ def test_train_skips_bad_records_when_asked_and_counts_them(world, base, tmp_pat
                       "--skip_bad_images", "--max_len", "60"))
     assert res.returncode == 0, res.stdout + res.stderr
     result = json.loads((out / "eval.json").read_text())
-    assert result["records_read"] == 29 and result["records_skipped"] == 5
+    good = len(json.loads(Path(world["instruct"]).read_text()))
+    assert result["records_read"] == good + 5 and result["records_skipped"] == 5
     assert result["skipped_reasons"] == {"bad record": 4, "bad image": 1}
     assert result["samples_truncated"] > 0  # every conversation is longer than 60 positions with its image
     assert "5 skipped" in res.stdout and "truncated to max_len 60" in res.stdout

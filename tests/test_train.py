@@ -82,8 +82,8 @@ def test_train_records_keeps_the_first_records_after_the_validation_hold_out(wor
     # The paper's data-scale finding trains on 10K of its 60K conversations; the held-out validation set
     # stays the one of the whole file, so the two runs' validation losses compare. Every answer is written.
     out = tmp_path / "small"
-    assert train.main(args(world, 2, out, "--init_from", str(base), "--max_iters", "1", "--train_records", "5")) == 0
-    assert "stage 2: 5 samples" in capsys.readouterr().out
+    assert train.main(args(world, 2, out, "--init_from", str(base), "--max_iters", "1", "--train_records", "9")) == 0
+    assert "stage 2: 9 samples" in capsys.readouterr().out
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     gt = json.loads(Path(world["vqa_test"]).read_text())[:4]
     assert [(a["id"], a["gt"]) for a in answers] == [(r["id"], r["conversations"][1]["value"]) for r in gt]
