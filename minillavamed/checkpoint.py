@@ -551,9 +551,7 @@ def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, devic
         wanted.discard("decoder.lm_head.weight")
     for files, pairs, unused in sources:
         _check_unexpected(files, pairs, unused)
-        # A layer's parameters one after another (key maps list a block's weights, then its biases), so that
-        # each quantised layer's float weight is freed before the next one's is read.
-        for ours, theirs in sorted(pairs, key=lambda pair: pair[0].rpartition(".")[0]):
+        for ours, theirs in pairs:
             _set_param(model, ours, _read(files, ours, theirs, tuple(params[ours].shape)).to(device=device, dtype=dtype))
             wanted.discard(ours)
             owner = ours.rpartition(".")[0]
