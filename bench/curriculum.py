@@ -5,8 +5,8 @@ instruction conversations never name, stage 1 alone cannot follow instructions, 
 instruction data scores lower. For each seed it runs train.py (stages 0-2, stage 2 without stage 1, stage 2
 on a sixth of the conversations), then scores every row's answers.jsonl on the held-out VQA, overall and per
 slice (`synthetic.vqa_slice`: whether the question's concept is in the instruction data), and per fact. It
-also captions held-out images with the stage-1 model (its own `plain` format) and reads the facts back
-with the caption parser, which shows what concept alignment learnt even where VQA cannot.
+also captions held-out images with the stage-1 model (in the template it trained with) and reads the facts
+back with the caption parser, which shows what concept alignment learnt even where VQA cannot.
 
 A finished row (its answers.jsonl present) is not trained again, so a killed run continues where it was.
 Seed 1337, train.py's default, writes the README's directories (out/tiny/stageN), so the quickstart's
@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from minillavamed import synthetic as syn  # noqa: E402
 from minillavamed.data import load_records  # noqa: E402
 from minillavamed.evaluation import closed_correct, open_recall  # noqa: E402
+from train import TrainConfig  # noqa: E402
 
 WORLD = ROOT / "data" / "synthetic"
 DEFAULT_SEED = 1337
@@ -92,10 +93,9 @@ def train(args: list[str], seed: int, log) -> float:
 
 
 def test_facts() -> list[dict]:
-    """The hidden scene of every held-out VQA image, redrawn from its seed (synthetic._vqa_split's order)."""
+    """The hidden scene of every held-out VQA image."""
     cfg = syn.WorldConfig(**json.loads((WORLD / "manifest.json").read_text())["config"])
-    return [syn.sample_scene(syn.DOMAINS[i % len(syn.DOMAINS)], syn._rng(cfg, "vqa_test", i))
-            for i in range(cfg.n_vqa_test)]
+    return [syn.vqa_scene(cfg, "vqa_test", i)[1] for i in range(cfg.n_vqa_test)]
 
 
 def score(answers_file: Path, test: list[dict]) -> dict[str, dict[str, float]]:
@@ -160,8 +160,7 @@ def main() -> None:
     test = load_records(paths["vqa_test"])
     facts = test_facts()
     baseline = syn.world_baseline(paths)
-    val_size = 64  # train.py's default hold-out
-    small = (len(load_records(paths["instruct"])) - val_size) // SMALL_SHARE
+    small = (len(load_records(paths["instruct"])) - TrainConfig().val_size) // SMALL_SHARE
     commands = {key: command_text(targs) for key, _, targs in rows(DEFAULT_SEED, small)}
     results: dict[str, dict] = {}
     for seed in args.seeds:

@@ -10,15 +10,16 @@ second. Only torch's own CPU kernels run the products (no new dependency):
   checkpoints and llama.cpp's Q4_1).
 
 Those kernels are built for a few rows at a time. A prefill of hundreds of positions (an image question is
-about 628) is faster through a dense GEMM, so above `DENSE_ROWS` rows a layer dequantises its weight for that
-one product, in bf16 where oneDNN has a bf16 GEMM (AVX512) and in fp32 elsewhere: on an AVX2 CPU the bf16
-GEMM is about 5x slower than fp32's at 628 rows (bench/local_7b.py --products measures every path; bench/RESULTS.md).
+about 628) is faster through a dense GEMM, so above `DENSE_ROWS` rows a layer dequantises its weight, a slice
+of output rows at a time, for that one product: in bf16 where oneDNN has a bf16 GEMM (AVX512) and in fp32
+elsewhere (on an AVX2 CPU the bf16 GEMM is about 5x slower than fp32's at 628 rows; bench/local_7b.py
+--products measures every path; bench/RESULTS.md).
 
 `QuantizedLinear` replaces an nn.Linear module of the vision tower, the projector or the decoder (gemm.linear
 calls it as a module). The int4 weight is kept in the kernel's own packed layout, which depends on the CPU:
 blocks of 64 output rows with rows r and r + 32 sharing a byte where torch dispatches to AVX512, blocks of 32
-(r and r + 16) elsewhere (`kernel_block_n`; `unpack_int4` reads it back). A checkpoint therefore holds int4 in a layout of its own,
-two inputs per byte (`pack_nibbles`), and loading packs it for the CPU at hand.
+(r and r + 16) elsewhere (`kernel_block_n`; `unpack_int4` reads it back). A checkpoint therefore holds int4
+in a layout of its own, two inputs per byte (`pack_nibbles`), and loading packs it for the CPU at hand.
 """
 
 from __future__ import annotations

@@ -445,12 +445,18 @@ def _write_json(path: Path, records: list[dict], lines: bool = False) -> None:
     os.replace(tmp, path)
 
 
+def vqa_scene(cfg: WorldConfig, split: str, i: int) -> tuple[str, dict, np.random.Generator]:
+    """(domain, hidden facts, the stream that draws it) of image i of a VQA split: the scene behind every
+    answer, for scoring what a model says about the image (bench/curriculum.py)."""
+    rng = _rng(cfg, split, i)
+    domain = DOMAINS[i % len(DOMAINS)]
+    return domain, sample_scene(domain, rng), rng
+
+
 def _vqa_split(split: str, n: int, cfg: WorldConfig, folder: Path) -> list[dict]:
     records = []
     for i in range(n):
-        rng = _rng(cfg, split, i)
-        domain = DOMAINS[i % len(DOMAINS)]
-        facts = sample_scene(domain, rng)
+        domain, facts, rng = vqa_scene(cfg, split, i)
         image = _draw(domain, facts, rng, cfg, folder, f"{split}_{i:06d}.png")
         for k, (q, a, kind) in enumerate(questions_for(facts, rng)):
             records.append(vqa_record(f"{split}_{i:06d}_q{k}", image, q, a, kind) | {"slice": vqa_slice(facts, q)})
