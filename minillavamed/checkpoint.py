@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from minillavamed.config import ConfigError, DecoderConfig, LlavaConfig, ProjectorConfig, VisionConfig
 from minillavamed.conversation import IM_END, IM_PATCH, IM_START
-from minillavamed.quantize import QuantConfig, QuantizedLinear, empty_quantized, quantized_names, replace_module
+from minillavamed.quantize import QuantConfig, QuantizedLinear, empty_quantized, quantized_names
 from minillavamed.tokenizer import Tokenizer
 
 FORMAT = "minillavamed"
@@ -545,19 +545,35 @@ def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, devic
     """Replace every meta parameter with its checkpoint tensor (cast to dtype, moved to device); with `quantize`
     (a QuantConfig), each linear layer it covers is quantised as soon as its last parameter is in."""
     params = dict(model.named_parameters())
-    to_quantize = set(quantized_names(model)) if quantize is not None else set()
+    order = quantized_names(model) if quantize is not None else []
+    to_quantize = set(order)
     wanted = {k for k in params if not any(k.startswith(f) for f in fresh)}
     if model.cfg.decoder.tie_embeddings:
         wanted.discard("decoder.lm_head.weight")
-    for files, pairs, unused in sources:
-        _check_unexpected(files, pairs, unused)
-        for ours, theirs in pairs:
-            _set_param(model, ours, _read(files, ours, theirs, tuple(params[ours].shape)).to(device=device, dtype=dtype))
-            wanted.discard(ours)
-            owner = ours.rpartition(".")[0]
-            if owner in to_quantize and not any(p.is_meta for p in model.get_submodule(owner).parameters()):
-                replace_module(model, owner, QuantizedLinear.from_linear(model.get_submodule(owner), quantize))
-                to_quantize.discard(owner)
+    if quantize is not None:
+        # Everything the quantised model keeps is allocated before the first read: each float weight read after
+        # it is then a temporary the allocator takes back whole. Kept tensors allocated between reads pin freed
+        # ones, and a 7B int4 load's peak varied by 0.5 GiB from run to run (bench/RESULTS.md, issue 17).
+        empty_quantized(model, quantize, dtype, order)
+        model.to_empty(device=device)
+    floats: dict[str, dict[str, torch.Tensor]] = {}  # a quantised layer's float weight and bias, until both are in
+    with torch.no_grad():
+        for files, pairs, unused in sources:
+            _check_unexpected(files, pairs, unused)
+            for ours, theirs in pairs:
+                tensor = _read(files, ours, theirs, tuple(params[ours].shape)).to(device=device, dtype=dtype)
+                wanted.discard(ours)
+                owner, _, leaf = ours.rpartition(".")
+                if owner in to_quantize:
+                    floats.setdefault(owner, {})[leaf] = tensor
+                    layer = model.get_submodule(owner)
+                    if len(floats[owner]) == 1 + (layer.bias is not None):
+                        layer.fill_(**floats.pop(owner))
+                        to_quantize.discard(owner)
+                elif quantize is not None:
+                    getattr(model.get_submodule(owner), leaf).copy_(tensor)
+                else:
+                    _set_param(model, ours, tensor)
     if wanted:
         raise CheckpointError(f"no tensor found for {sorted(wanted)[:5]}{'...' if len(wanted) > 5 else ''}")
     for prefix in fresh:  # materialize and initialize the parts that start from scratch
@@ -569,8 +585,10 @@ def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, devic
                 m.reset_parameters()  # PyTorch's default init, as LLaVA's freshly built projector gets
     if model.cfg.decoder.tie_embeddings:
         model.decoder.lm_head.weight = model.decoder.embed.weight
-    for owner in to_quantize:  # the fresh ones
-        replace_module(model, owner, QuantizedLinear.from_linear(model.get_submodule(owner), quantize))
+    for owner in (n for n in order if n in to_quantize):  # the fresh ones, from the same default init in order
+        layer = model.get_submodule(owner)
+        init = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=device, dtype=dtype)
+        layer.fill_(init.weight, init.bias)
     if quantize is not None:
         model.quantization = quantize
 

@@ -27,6 +27,7 @@ from minillavamed import checkpoint
 from minillavamed.attention import BACKENDS
 from minillavamed.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaConfig
 from minillavamed.decoder import Decoder, KVCache
+from minillavamed.gemm import linear
 from minillavamed.projector import Projector
 from minillavamed.quantize import QuantConfig, quantize_model
 from minillavamed.vit import VisionTower
@@ -190,8 +191,8 @@ class LlavaMed(nn.Module):
                 grad = grad or trains(block.norm2)
                 total += product(block.fc1.weight, positions) + product(block.fc2.weight, positions)
             per_image = v.tokens_per_image
-            for linear in self.projector.linears:
-                total += product(linear.weight, images * per_image)
+            for layer in self.projector.linears:
+                total += product(layer.weight, images * per_image)
             tokens = text_tokens + images * per_image
         else:
             tokens = text_tokens
@@ -216,7 +217,7 @@ class LlavaMed(nn.Module):
         batch, length = mask.shape
         cache = KVCache(self.cfg.decoder, batch, length + room, embeds.dtype, embeds.device)
         hidden = self.decoder(embeds, positions, None if bool(mask.all()) else mask, cache, last_only=True)
-        return self.decoder.lm_head(hidden[:, -1]).float(), cache, mask, positions[:, -1:]
+        return linear(hidden[:, -1], self.decoder.lm_head).float(), cache, mask, positions[:, -1:]
 
     @torch.inference_mode()
     def generate(
@@ -274,7 +275,7 @@ class LlavaMed(nn.Module):
             positions = positions[:, -1:] + 1
             keys = None if mask is None else mask[:, :cache.length + 1]
             hidden = self.decoder(self.decoder.embed(tokens[:, None]), positions, keys, cache)
-            logits = self.decoder.lm_head(hidden[:, -1]).float()
+            logits = linear(hidden[:, -1], self.decoder.lm_head).float()
         return out
 
 

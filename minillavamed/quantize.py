@@ -160,24 +160,29 @@ class QuantizedLinear(nn.Module):
         if w.device.type != "cpu":
             raise ValueError(f"weight-only {cfg.mode} uses torch's CPU kernels; the model is on {w.device}")
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, cfg, w.dtype, w.device)
-        out = linear.out_features
-        if cfg.mode == "int8":
+        q.fill_(w, linear.bias)
+        return q
+
+    @torch.no_grad()
+    def fill_(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Quantise a float (out, in) weight (and copy its bias) into this layer's storage, in place."""
+        out = self.out_features
+        if self.cfg.mode == "int8":
             for r in range(0, out, ROWS_PER_PASS):
-                qweight, scales = quantize_int8(w[r:r + ROWS_PER_PASS])
-                q.qweight[r:r + ROWS_PER_PASS] = qweight
-                q.scales[r:r + ROWS_PER_PASS] = scales
+                qweight, scales = quantize_int8(weight[r:r + ROWS_PER_PASS])
+                self.qweight[r:r + ROWS_PER_PASS] = qweight
+                self.scales[r:r + ROWS_PER_PASS] = scales
         else:
             # Blocks of output rows are packed independently, so packing a pass's rows gives those rows.
-            for r in range(0, q.padded_out, ROWS_PER_PASS):
-                n = min(ROWS_PER_PASS, q.padded_out - r)
-                real = w[r:r + n]  # short (or empty) where the pass reaches the padding past out_features
-                rows = F.pad(real, (0, q.padded_in - q.in_features, 0, n - real.shape[0]))
-                values, scales = quantize_int4(rows, cfg.group_size)
-                q.qweight[r:r + n] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
-                q.scales[:, r:r + n] = scales
-        if linear.bias is not None:
-            q.bias.copy_(linear.bias)
-        return q
+            for r in range(0, self.padded_out, ROWS_PER_PASS):
+                n = min(ROWS_PER_PASS, self.padded_out - r)
+                real = weight[r:r + n]  # short (or empty) where the pass reaches the padding past out_features
+                rows = F.pad(real, (0, self.padded_in - self.in_features, 0, n - real.shape[0]))
+                values, scales = quantize_int4(rows, self.cfg.group_size)
+                self.qweight[r:r + n] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+                self.scales[:, r:r + n] = scales
+        if bias is not None:
+            self.bias.copy_(bias)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -380,7 +380,7 @@ def test_import_is_light():
 @pytest.mark.parametrize("dense", [torch.float32, torch.bfloat16])
 def test_a_bf16_prefill_multiplies_in_the_cpus_fast_dtype(monkeypatch, dense):
     # Where oneDNN has no bf16 GEMM (AVX2), a bf16 product of many rows is about 5x faster in fp32: the weight and
-    # the input cast exactly, so the result is the fp32 product rounded once. Decode rows keep bf16's own product.
+    # the input cast exactly, so the result is the fp32 product rounded once. Decode rows keep bf16's own products.
     import torch.nn.functional as F
 
     from minillavamed import gemm
@@ -394,8 +394,9 @@ def test_a_bf16_prefill_multiplies_in_the_cpus_fast_dtype(monkeypatch, dense):
             else F.linear(x, lin.weight, lin.bias))
     assert y.dtype == torch.bfloat16 and torch.equal(y, want)
     torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias))  # bf16's tolerance of its own product
-    one = x[:1, :1]
-    assert torch.equal(gemm.linear(one, lin), F.linear(one, lin.weight, lin.bias))
+    one = x[:1, :1]  # a decode step: bf16's matrix-vector kernel, the same fp32 sums rounded once
+    assert torch.equal(gemm.linear(one, lin), (torch.mv(lin.weight, one.reshape(-1)) + lin.bias).view(1, 1, -1))
+    torch.testing.assert_close(gemm.linear(one, lin), F.linear(one, lin.weight, lin.bias))
 
 
 def test_every_prefill_product_of_a_bf16_model_takes_the_fast_dtype(monkeypatch):

@@ -114,32 +114,38 @@ def test_quantized_model_tracks_the_float_model(tiny, tmp_path, mode):
 
 
 def test_loading_quantises_layer_by_layer(tiny, tmp_path, monkeypatch):
-    """At most one float linear layer of those being quantised exists at any time during the load."""
+    """At most one float linear layer of those being quantised is held at any time during the load."""
     tiny.save_pretrained(tmp_path, max_shard_bytes=2**20)  # several shards
-    seen = []
-    original = QuantizedLinear.from_linear.__func__
-
-    def spy(cls, linear, cfg):
-        model = spy.model
-        floats = [name for name, m in model.named_modules() if type(m) is nn.Linear and not m.weight.is_meta]
-        # CLIP's key map lists a ViT block's weights before its biases, so one block's four layers (25 MB at
-        # ViT-L) may be float at once there; elsewhere one layer at a time.
-        seen.append((sum(not n.startswith("vision.") for n in floats), sum(n.startswith("vision.") for n in floats)))
-        return original(cls, linear, cfg)
-
     import minillavamed.checkpoint as ckpt
 
-    real_fill = ckpt._fill
+    events = []
+    real_read, real_fill_ = ckpt._read, QuantizedLinear.fill_
 
-    def fill(model, *args):
-        spy.model = model
-        return real_fill(model, *args)
+    def read(files, ours, theirs, shape):
+        events.append(("read", ours.rpartition(".")[0]))
+        return real_read(files, ours, theirs, shape)
 
-    monkeypatch.setattr(ckpt, "_fill", fill)
-    monkeypatch.setattr(QuantizedLinear, "from_linear", classmethod(spy))
+    def fill_(self, weight, bias=None):
+        events.append(("fill", self))
+        return real_fill_(self, weight, bias)
+
+    monkeypatch.setattr(ckpt, "_read", read)
+    monkeypatch.setattr(QuantizedLinear, "fill_", fill_)
     model = LlavaMed.from_pretrained(tmp_path, quantize="int8")
+    names = {m: n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    held, most = set(), {"vision": 0, "rest": 0}
+    for kind, what in events:
+        if kind == "read" and what in names.values():
+            held.add(what)
+        elif kind == "fill":
+            held.discard(names[what])
+        vision = sum(n.startswith("vision.") for n in held)
+        most = {"vision": max(most["vision"], vision), "rest": max(most["rest"], len(held) - vision)}
     # 4 per ViT and decoder block, the projector's 2, the output layer
-    assert len(seen) == 4 * 4 + 4 * 4 + 2 + 1 and max(s[0] for s in seen) == 1 and max(s[1] for s in seen) <= 4
+    assert sum(kind == "fill" for kind, _ in events) == len(names) == 4 * 4 + 4 * 4 + 2 + 1
+    # CLIP's key map lists a ViT block's weights before its biases, so one block's four layers (25 MB at
+    # ViT-L) may be float at once there; elsewhere one layer at a time.
+    assert most["rest"] == 1 and most["vision"] <= 4, most
     assert not any(type(m) is nn.Linear for m in model.modules())
 
 
