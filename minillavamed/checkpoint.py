@@ -555,7 +555,7 @@ def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, devic
         # it is then a temporary the allocator takes back whole. Kept tensors allocated between reads pin freed
         # ones, and a 7B int4 load's peak varied by 0.5 GiB from run to run (bench/RESULTS.md, issue 17).
         empty_quantized(model, quantize, dtype, order)
-        model.to_empty(device=device)
+        model.to(dtype).to_empty(device=device)  # .to(dtype) on the meta device: the params' dtype, no memory
     floats: dict[str, dict[str, torch.Tensor]] = {}  # a quantised layer's float weight and bias, until both are in
     with torch.no_grad():
         for files, pairs, unused in sources:

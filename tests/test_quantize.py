@@ -149,6 +149,22 @@ def test_loading_quantises_layer_by_layer(tiny, tmp_path, monkeypatch):
     assert not any(type(m) is nn.Linear for m in model.modules())
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_bf16_quantised_load_is_the_bf16_model_quantised(tiny, tmp_path, mode):
+    """The way sample.py --quantize loads the 7B: quantised while it loads, in bf16. Every float tensor is bf16
+    (a load that left the norms and embeddings fp32 failed in the int8 kernel at the first decode step), and
+    the model is the one quantising after a plain bf16 load gives."""
+    tiny.save_pretrained(tmp_path, max_shard_bytes=2**20)
+    loaded = LlavaMed.from_pretrained(tmp_path, dtype=torch.bfloat16, quantize=mode).eval()
+    after = LlavaMed.from_pretrained(tmp_path, dtype=torch.bfloat16).eval().quantize(mode)
+    floats = {n: t.dtype for n, t in loaded.state_dict().items() if t.is_floating_point()}
+    assert set(floats.values()) == {torch.bfloat16}, floats
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), after.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    ids, px = prompt(tiny.cfg, seed=2)
+    assert loaded.generate(ids, px, max_new_tokens=3) == after.generate(ids, px, max_new_tokens=3)
+
+
 @pytest.mark.slow
 def test_a_checkpoint_quantised_before_the_vision_tower_was_still_loads(tiny, tmp_path, monkeypatch):
     import minillavamed.quantize as quantize
