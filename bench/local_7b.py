@@ -191,6 +191,8 @@ def products(args) -> None:
             "int8 dequantised + bf16 dense": (lambda: F.linear(xb, int8.dequantize(torch.bfloat16)), 1),
             "int4 dequantised + bf16 dense": (lambda: F.linear(xb, int4.dequantize(torch.bfloat16)), 0.5),
         }
+        if rows == 1:  # what gemm.linear runs for a bf16 decode step
+            cases["bf16 matrix-vector (torch.mv)"] = (lambda: torch.mv(wb, xb[0]), 2)
         if rows > 16:
             cases["int8 dequantised + fp32 dense"] = (lambda: F.linear(x, int8.dequantize(torch.float32)), 1)
             cases["int4 dequantised + fp32 dense"] = (lambda: F.linear(x, int4.dequantize(torch.float32)), 0.5)

@@ -26,6 +26,18 @@ def dense_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
+@functools.cache
+def bf16_matrix_vector() -> bool:
+    """Whether a one-row bf16 product runs faster through torch.mv than through F.linear: on CPUs with AMX,
+    where oneDNN's one-row GEMM streams the weights 1.3x slower than torch.mv does; without AMX (an AVX512-BF16
+    AMD EPYC) torch.mv is 1.75x slower (bench/RESULTS.md, issue 17). Linux names AMX in /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
 def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """x through a linear layer: F.linear on a plain nn.Linear's weights, else the module (a QuantizedLinear).
 
@@ -34,9 +46,9 @@ def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     if type(module) is not nn.Linear:
         return module(x)
     w, b = module.weight, module.bias
-    if x.numel() == x.shape[-1] and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu":
-        # One row (a decode step): the bf16 matrix-vector kernel streams the weights about 1.3x faster than
-        # F.linear's GEMM path, with the same fp32 sums and one rounding (bench/RESULTS.md, issue 17).
+    if (x.numel() == x.shape[-1] and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+            and x.device.type == "cpu" and bf16_matrix_vector()):
+        # One row (a decode step): the same fp32 sums and one rounding as F.linear's.
         y = torch.mv(w, x.reshape(-1))
         return (y if b is None else y + b).view(*x.shape[:-1], w.shape[0])
     if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"

@@ -377,8 +377,9 @@ def test_import_is_light():
     assert float(out.stdout) < 1.0
 
 
+@pytest.mark.parametrize("mv", [False, True])
 @pytest.mark.parametrize("dense", [torch.float32, torch.bfloat16])
-def test_a_bf16_prefill_multiplies_in_the_cpus_fast_dtype(monkeypatch, dense):
+def test_a_bf16_prefill_multiplies_in_the_cpus_fast_dtype(monkeypatch, dense, mv):
     # Where oneDNN has no bf16 GEMM (AVX2), a bf16 product of many rows is about 5x faster in fp32: the weight and
     # the input cast exactly, so the result is the fp32 product rounded once. Decode rows keep bf16's own products.
     import torch.nn.functional as F
@@ -386,6 +387,7 @@ def test_a_bf16_prefill_multiplies_in_the_cpus_fast_dtype(monkeypatch, dense):
     from minillavamed import gemm
 
     monkeypatch.setattr(gemm, "dense_dtype", lambda: dense)
+    monkeypatch.setattr(gemm, "bf16_matrix_vector", lambda: mv)
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32).bfloat16()
     x = torch.randn(2, gemm.DENSE_ROWS, 64).bfloat16()
@@ -394,8 +396,9 @@ def test_a_bf16_prefill_multiplies_in_the_cpus_fast_dtype(monkeypatch, dense):
             else F.linear(x, lin.weight, lin.bias))
     assert y.dtype == torch.bfloat16 and torch.equal(y, want)
     torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias))  # bf16's tolerance of its own product
-    one = x[:1, :1]  # a decode step: bf16's matrix-vector kernel, the same fp32 sums rounded once
-    assert torch.equal(gemm.linear(one, lin), (torch.mv(lin.weight, one.reshape(-1)) + lin.bias).view(1, 1, -1))
+    one = x[:1, :1]  # a decode step: with AMX, bf16's matrix-vector kernel; the same fp32 sums rounded once
+    want = (torch.mv(lin.weight, one.reshape(-1)) + lin.bias).view(1, 1, -1) if mv else F.linear(one, lin.weight, lin.bias)
+    assert torch.equal(gemm.linear(one, lin), want)
     torch.testing.assert_close(gemm.linear(one, lin), F.linear(one, lin.weight, lin.bias))
 
 
