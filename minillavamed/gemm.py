@@ -4,7 +4,7 @@ Not part of the paper: sampling LLaVA-Med on a laptop is a prefill of about 628 
 patches) through the ViT, the projector and the decoder, then one position at a time. oneDNN has a bf16 GEMM
 only on AVX512 CPUs; elsewhere a bf16 product of hundreds of rows is about 5x slower than the same product in
 fp32 (bench/RESULTS.md, issue 17), so there such products multiply in fp32: exact casts, the same fp32 sums,
-one rounding of the result.
+one rounding of the result. A bf16 decode row goes through torch.mv where the CPU has AMX, F.linear elsewhere.
 """
 
 from __future__ import annotations
