@@ -397,7 +397,8 @@ def test_a_bf16_prefill_multiplies_in_the_cpus_fast_dtype(monkeypatch, dense, mv
     assert y.dtype == torch.bfloat16 and torch.equal(y, want)
     torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias))  # bf16's tolerance of its own product
     one = x[:1, :1]  # a decode step: with AMX, bf16's matrix-vector kernel; the same fp32 sums rounded once
-    want = (torch.mv(lin.weight, one.reshape(-1)) + lin.bias).view(1, 1, -1) if mv else F.linear(one, lin.weight, lin.bias)
+    want = ((torch.mv(lin.weight, one.reshape(-1)) + lin.bias).view(1, 1, -1) if mv
+            else F.linear(one, lin.weight, lin.bias))
     assert torch.equal(gemm.linear(one, lin), want)
     torch.testing.assert_close(gemm.linear(one, lin), F.linear(one, lin.weight, lin.bias))
 
