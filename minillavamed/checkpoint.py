@@ -543,7 +543,8 @@ def _clip_prefix(clip: WeightFiles, directory: Path) -> str:
 
 def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, device: torch.device, quantize=None) -> None:
     """Replace every meta parameter with its checkpoint tensor (cast to dtype, moved to device); with `quantize`
-    (a QuantConfig), each linear layer it covers is quantised as soon as its last parameter is in."""
+    (a QuantConfig), the model is allocated first and each linear layer it covers is quantised into place as soon
+    as its last parameter is read."""
     params = dict(model.named_parameters())
     order = quantized_names(model) if quantize is not None else []
     to_quantize = set(order)
@@ -576,10 +577,12 @@ def _fill(model: nn.Module, sources, fresh: list[str], dtype: torch.dtype, devic
                     _set_param(model, ours, tensor)
     if wanted:
         raise CheckpointError(f"no tensor found for {sorted(wanted)[:5]}{'...' if len(wanted) > 5 else ''}")
-    for prefix in fresh:  # materialize and initialize the parts that start from scratch
+    # Materialize and initialize the parts that start from scratch (a quantised load allocated them above).
+    for prefix in fresh:
         module = model.get_submodule(prefix.rstrip("."))
-        module.to_empty(device=device)
-        module.to(dtype)
+        if quantize is None:
+            module.to_empty(device=device)
+            module.to(dtype)
         for m in module.modules():
             if isinstance(m, nn.Linear):
                 m.reset_parameters()  # PyTorch's default init, as LLaVA's freshly built projector gets

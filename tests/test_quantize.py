@@ -331,3 +331,22 @@ def test_quantised_load_peaks_near_the_quantised_size(tmp_path):
         print(got, float_bytes)
         assert got["file"] < 0.05 * float_bytes, got
         assert got["peak"] < got["held"] + 0.5 * float_bytes, got
+
+
+def test_a_fresh_projector_quantised_on_load_is_the_default_init_quantised(tmp_path):
+    """A bare LLM + CLIP (stage 1's starting point): the projector starts from PyTorch's default init, and
+    quantising while loading gives the model that quantising after the load does, from the same seed."""
+    import hf_oracle as hf
+
+    hf.mistral().save_pretrained(tmp_path / "mistral")
+    hf.clip().save_pretrained(tmp_path / "clip")
+    for mode in ("int8", "int4"):
+        models = []
+        for quantize in (mode, None):
+            torch.manual_seed(0)
+            m = LlavaMed.from_pretrained(tmp_path / "mistral", vision_tower=str(tmp_path / "clip"),
+                                         dtype=torch.bfloat16, quantize=quantize)
+            models.append(m if quantize else m.quantize(mode))
+        loaded, after = (m.state_dict() for m in models)
+        assert loaded.keys() == after.keys()
+        assert all(torch.equal(loaded[k], after[k]) for k in loaded), mode
