@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minillavamed import LlavaMed  # noqa: E402
+from minillavamed import LlavaMed, gemm  # noqa: E402
 from minillavamed.checkpoint import FORMAT  # noqa: E402
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset  # noqa: E402
 from minillavamed.quantize import QuantConfig, QuantizedLinear, quantize_int8  # noqa: E402
@@ -161,7 +161,8 @@ def quality(args) -> None:
 
 
 def products(args) -> None:
-    """One 7B MLP product (14336 x 4096) at 1 row (decode) and 628 rows (an image question's prefill)."""
+    """One 7B MLP product (14336 x 4096) at 1 row (decode) and 628 rows (an image question's prefill); at 1 row the
+    down projection's shape (4096 x 14336) too."""
     torch.manual_seed(0)
     w = torch.randn(14336, 4096) * 0.02
     q8, s8 = quantize_int8(w)
@@ -191,8 +192,13 @@ def products(args) -> None:
             "int8 dequantised + bf16 dense": (lambda: F.linear(xb, int8.dequantize(torch.bfloat16)), 1),
             "int4 dequantised + bf16 dense": (lambda: F.linear(xb, int4.dequantize(torch.bfloat16)), 0.5),
         }
-        if rows == 1:  # what gemm.linear runs for a bf16 decode step
+        if rows == 1:  # what gemm.linear may run for a bf16 decode step
             cases["bf16 matrix-vector (torch.mv)"] = (lambda: torch.mv(wb, xb[0]), 2)
+            cases["bf16 stream kernel (gemm.stream)"] = (lambda: gemm.stream(xb, wb), 2)
+            # The MLP's down projection: as many weights in rows of 14336, too long for the stream kernel's L1.
+            wd, xd = wb.reshape(4096, 14336), torch.randn(1, 14336, dtype=torch.bfloat16)
+            cases["bf16 dense (oneDNN), 4096 x 14336"] = (lambda: F.linear(xd, wd), 2)
+            cases["bf16 stream kernel (gemm.stream), 4096 x 14336"] = (lambda: gemm.stream(xd, wd), 2)
         if rows > 16:
             cases["int8 dequantised + fp32 dense"] = (lambda: F.linear(x, int8.dequantize(torch.float32)), 1)
             cases["int4 dequantised + fp32 dense"] = (lambda: F.linear(x, int4.dequantize(torch.float32)), 0.5)
@@ -201,7 +207,8 @@ def products(args) -> None:
         for _ in range(args.repeats + 1):  # interleaved; the first round warms up and is dropped
             for name, (fn, _) in cases.items():
                 start = time.perf_counter()
-                fn()
+                with torch.inference_mode():  # as a decode runs (the stream kernel is built for it)
+                    fn()
                 times[name].append(time.perf_counter() - start)
         print(f"\n{rows} row(s) x 4096 -> 14336, {args.threads} threads, median of {args.repeats}, "
               f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")

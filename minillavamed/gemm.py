@@ -4,12 +4,19 @@ Not part of the paper: sampling LLaVA-Med on a laptop is a prefill of about 628 
 patches) through the ViT, the projector and the decoder, then one position at a time. oneDNN has a bf16 GEMM
 only on AVX512 CPUs; elsewhere a bf16 product of hundreds of rows is about 5x slower than the same product in
 fp32 (bench/RESULTS.md, issue 17), so there such products multiply in fp32: exact casts, the same fp32 sums,
-one rounding of the result. A bf16 decode row goes through torch.mv where the CPU has AMX, F.linear elsewhere.
+one rounding of the result.
+
+A decode step multiplies one row by every weight, so it runs at the speed the weights stream from memory.
+oneDNN's one-row bf16 product streams a 7B's weights at about 18 GB/s on an AVX512-BF16 CPU; a plain fused
+loop that widens each weight to fp32, multiplies and sums (compiled by torch.compile's C++ backend) streams
+them at about 30-40 GB/s where the activation row stays in the L1 cache (bench/RESULTS.md, issue 17). The
+other one-row products go through torch.mv where the CPU has AMX, F.linear elsewhere.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn as nn
@@ -38,6 +45,56 @@ def bf16_matrix_vector() -> bool:
         return False
 
 
+# One-row bf16 products go through the compiled kernel with at least this many weights (below it a compiled
+# call's overhead, tens of microseconds, is more than the product: the tiny preset never takes this path) ...
+STREAM_MIN_WEIGHTS = 1 << 22
+# ... and at most this many inputs: the row of activations stays in L1 while the weights stream past it, and
+# the compiler sums it in one pass (beyond 4096 it sums in cascades). Longer rows (a 7B's MLP down projection,
+# 14336) are no faster than F.linear.
+STREAM_MAX_IN = 4096
+
+
+def _widen_multiply_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (1, in) against w (out, in): products and sums in fp32, one rounding to x's dtype."""
+    return (w.float() * x.float()).sum(-1).to(x.dtype)
+
+
+@functools.cache
+def stream_kernel(inputs: int):
+    """The compiled one-row product `_widen_multiply_sum` for rows of `inputs`, or None where torch.compile
+    cannot build it (no C++ compiler): then F.linear, with a warning.
+
+    Built once per row length, as a decode calls it (a model's weights against a row made under inference mode)
+    and for two output sizes, so that the output size is dynamic while the row length stays a constant of the
+    loop: a model's products then never recompile in the middle of a decode."""
+    kernel = torch.compile(_widen_multiply_sum)
+    with torch.inference_mode(False):
+        weights = [torch.ones(rows, inputs, dtype=torch.bfloat16) for rows in (8, 16)]
+    try:
+        with torch.inference_mode():
+            for w in weights:
+                kernel(torch.ones(1, inputs, dtype=torch.bfloat16), w)
+    except Exception as e:  # noqa: BLE001 -- torch.compile's failures (compiler missing, broken) vary widely
+        warnings.warn(f"torch.compile could not build the bf16 decode kernel, so decoding uses F.linear, about "
+                      f"1.6x slower on large models: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return None
+    return kernel
+
+
+def streams(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x (one row) times w goes through the compiled kernel: bf16 on the CPU, without autograd, at least
+    STREAM_MIN_WEIGHTS contiguous weights, at most STREAM_MAX_IN inputs."""
+    return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and w.numel() >= STREAM_MIN_WEIGHTS and w.shape[1] <= STREAM_MAX_IN and w.is_contiguous()
+            and not torch.is_grad_enabled() and stream_kernel(w.shape[1]) is not None)
+
+
+def stream(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """One row x (in,) or (1, in) times w (out, in) -> (1, out), through the compiled kernel."""
+    # detach: one compiled graph for trainable and frozen weights alike (their requires_grad is guarded on).
+    return stream_kernel(w.shape[1])(x.reshape(1, -1), w.detach())
+
+
 def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """x through a linear layer: F.linear on a plain nn.Linear's weights, else the module (a QuantizedLinear).
 
@@ -46,6 +103,9 @@ def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     if type(module) is not nn.Linear:
         return module(x)
     w, b = module.weight, module.bias
+    if x.numel() == x.shape[-1] and streams(x, w):
+        y = stream(x, w)
+        return (y if b is None else y + b).view(*x.shape[:-1], w.shape[0])
     if (x.numel() == x.shape[-1] and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
             and x.device.type == "cpu" and bf16_matrix_vector()):
         # One row (a decode step): the same fp32 sums and one rounding as F.linear's.

@@ -403,6 +403,87 @@ def test_a_bf16_prefill_multiplies_in_the_cpus_fast_dtype(monkeypatch, dense, mv
     torch.testing.assert_close(gemm.linear(one, lin), F.linear(one, lin.weight, lin.bias))
 
 
+def test_a_large_bf16_decode_row_streams_through_the_compiled_kernel():
+    # A 7B decode step streams every weight once; the compiled loop (fp32 products and sums, one rounding)
+    # streams them faster than oneDNN's one-row product. It must agree with the fp32 product.
+    import torch.nn.functional as F
+
+    from minillavamed import gemm
+
+    torch.manual_seed(0)
+    inputs = gemm.STREAM_MAX_IN
+    lin = torch.nn.Linear(inputs, gemm.STREAM_MIN_WEIGHTS // inputs).bfloat16()
+    with torch.inference_mode():  # as in a decode, the row is made under inference mode
+        x = torch.randn(1, 1, inputs).bfloat16()
+        exact = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+        assert gemm.streams(x[0], lin.weight)
+        compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        y = gemm.linear(x, lin)
+        frozen = gemm.linear(x, lin.requires_grad_(False))
+    # Built on first use for every output size: nothing compiles in the middle of a decode.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
+    assert y.shape == (1, 1, lin.out_features) and y.dtype == torch.bfloat16 and torch.equal(frozen, y)
+    # The sum rounds to bf16 before the bias adds (as F.linear's does): two roundings at most.
+    torch.testing.assert_close(y.float(), exact, rtol=2 * 2**-8, atol=1e-2)
+    # Not taken: with autograd on (training), for a small weight, for fp32, for a transposed weight, for a row
+    # longer than L1 holds beside the weights.
+    assert not gemm.streams(x[0], lin.requires_grad_(True).weight)
+    with torch.inference_mode():
+        assert not gemm.streams(x[0], lin.weight[:8])
+        assert not gemm.streams(x[0].float(), lin.weight.float())
+        assert not gemm.streams(x[0], lin.weight.t().contiguous().t())
+        assert not gemm.streams(torch.randn(1, 2 * inputs).bfloat16(), torch.randn(1024, 2 * inputs).bfloat16())
+
+
+def test_without_a_compiler_decoding_warns_and_uses_f_linear(monkeypatch):
+    import torch.nn.functional as F
+
+    from minillavamed import gemm
+
+    def no_compiler(fn, **kwargs):
+        def broken(*args):
+            raise RuntimeError("Compiler: cc is not found\nmore detail")
+        return broken
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    gemm.stream_kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="decoding uses F.linear.*cc is not found"):
+            assert gemm.stream_kernel(gemm.STREAM_MAX_IN) is None
+        lin = torch.nn.Linear(gemm.STREAM_MAX_IN, gemm.STREAM_MIN_WEIGHTS // gemm.STREAM_MAX_IN).bfloat16()
+        x = torch.randn(1, gemm.STREAM_MAX_IN).bfloat16()
+        with torch.inference_mode():
+            assert not gemm.streams(x, lin.weight)
+            assert torch.equal(gemm.linear(x, lin), F.linear(x, lin.weight, lin.bias))
+    finally:
+        gemm.stream_kernel.cache_clear()
+
+
+def test_a_bf16_models_decode_steps_stream_and_match_f_linear(monkeypatch):
+    # The tiny preset's weights are below the size that streams; with the bar lowered, every one-row product (and
+    # none of the prefill's many-row ones) goes through the kernel, and the greedy reply is the same as F.linear's.
+    from minillavamed import gemm
+
+    torch.manual_seed(0)
+    model = LlavaMed(preset("tiny")).to(torch.bfloat16).eval()
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, 6, 7]])
+    px = torch.randn(1, 3, 64, 64).bfloat16()
+    want = model.generate(ids, px, max_new_tokens=6, eos_id=-1)
+    rows, stream = [], gemm.stream
+
+    def spy(x, w):
+        rows.append(x.numel() // x.shape[-1])
+        return stream(x, w)
+
+    monkeypatch.setattr(gemm, "STREAM_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(gemm, "stream", spy)
+    got = model.generate(ids, px, max_new_tokens=6, eos_id=-1)
+    per_step = 4 * model.cfg.decoder.layers + 1  # wqkv, wo, gate_up, down in each layer, then lm_head
+    # The prefill's last position (its last block's wo, gate_up and down, then lm_head), then 5 decode steps.
+    assert rows == [1] * (4 + 5 * per_step)
+    assert got == want
+
+
 def test_every_prefill_product_of_a_bf16_model_takes_the_fast_dtype(monkeypatch):
     # The ViT and the projector as well as the decoder: an image question's 576 patches go through all three.
     import torch.nn.functional as F
