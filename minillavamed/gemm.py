@@ -95,6 +95,16 @@ def stream(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return stream_kernel(w.shape[1])(x.reshape(1, -1), w.detach())
 
 
+def _decode_row(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """One row (a decode step) times w through a faster kernel than F.linear where this CPU has one, else None.
+    Both sum in fp32 and round once, as F.linear does."""
+    if streams(x, w):
+        return stream(x, w)
+    if x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and bf16_matrix_vector():
+        return torch.mv(w, x.reshape(-1))
+    return None
+
+
 def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """x through a linear layer: F.linear on a plain nn.Linear's weights, else the module (a QuantizedLinear).
 
@@ -103,13 +113,8 @@ def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     if type(module) is not nn.Linear:
         return module(x)
     w, b = module.weight, module.bias
-    if x.numel() == x.shape[-1] and streams(x, w):
-        y = stream(x, w)
-        return (y if b is None else y + b).view(*x.shape[:-1], w.shape[0])
-    if (x.numel() == x.shape[-1] and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
-            and x.device.type == "cpu" and bf16_matrix_vector()):
-        # One row (a decode step): the same fp32 sums and one rounding as F.linear's.
-        y = torch.mv(w, x.reshape(-1))
+    y = _decode_row(x, w) if x.numel() == x.shape[-1] else None
+    if y is not None:
         return (y if b is None else y + b).view(*x.shape[:-1], w.shape[0])
     if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
             and x.numel() > DENSE_ROWS * x.shape[-1] and dense_dtype() is torch.float32):
