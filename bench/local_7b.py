@@ -195,7 +195,7 @@ def products(args) -> None:
         if rows == 1:  # what gemm.linear may run for a bf16 decode step
             cases["bf16 matrix-vector (torch.mv)"] = (lambda: torch.mv(wb, xb[0]), 2)
             cases["bf16 stream kernel (gemm.stream)"] = (lambda: gemm.stream(xb, wb), 2)
-            # The MLP's down projection: as many weights in rows of 14336, too long for the stream kernel's L1.
+            # The MLP's down projection: as many weights in rows of 14336, which the stream kernel sums in 4 chunks.
             wd, xd = wb.reshape(4096, 14336), torch.randn(1, 14336, dtype=torch.bfloat16)
             cases["bf16 dense (oneDNN), 4096 x 14336"] = (lambda: F.linear(xd, wd), 2)
             cases["bf16 stream kernel (gemm.stream), 4096 x 14336"] = (lambda: gemm.stream(xd, wd), 2)

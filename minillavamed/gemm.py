@@ -9,8 +9,9 @@ one rounding of the result.
 A decode step multiplies one row by every weight, so it runs at the speed the weights stream from memory.
 oneDNN's one-row bf16 product streams a 7B's weights at about 18 GB/s on an AVX512-BF16 CPU; a plain fused
 loop that widens each weight to fp32, multiplies and sums (compiled by torch.compile's C++ backend) streams
-them at about 30-40 GB/s where the activation row stays in the L1 cache (bench/RESULTS.md, issue 17). The
-other one-row products go through torch.mv where the CPU has AMX, F.linear elsewhere.
+them at about 30-40 GB/s where the activation row stays in the L1 cache (bench/RESULTS.md, issue 17); a longer
+row is summed in chunks that do. The other one-row products go through torch.mv where the CPU has AMX, F.linear
+elsewhere.
 """
 
 from __future__ import annotations
@@ -48,15 +49,24 @@ def bf16_matrix_vector() -> bool:
 # One-row bf16 products go through the compiled kernel with at least this many weights (below it a compiled
 # call's overhead, tens of microseconds, is more than the product: the tiny preset never takes this path) ...
 STREAM_MIN_WEIGHTS = 1 << 22
-# ... and at most this many inputs: the row of activations stays in L1 while the weights stream past it, and
-# the compiler sums it in one pass (beyond 4096 it sums in cascades). Longer rows (a 7B's MLP down projection,
-# 14336) are no faster than F.linear.
-STREAM_MAX_IN = 4096
+# ... summing at most this many inputs in one pass: that much of the row of activations stays in L1 while the
+# weights stream past it, and the compiler sums it in one pass (beyond 4096 it sums in cascades, no faster than
+# F.linear). A longer row (a 7B's MLP down projection, 14336) is cut into equal chunks that each fit.
+STREAM_CHUNK = 4096
+
+
+def row_chunks(inputs: int) -> int | None:
+    """Into how many equal chunks of at most STREAM_CHUNK the kernel cuts a row of `inputs` (1 where it fits),
+    or None where no such cut leaves chunks of at least a quarter of that (a row of a prime length)."""
+    fewest = -(-inputs // STREAM_CHUNK)
+    return next((c for c in range(fewest, 4 * fewest + 1) if inputs % c == 0), None)
 
 
 def _widen_multiply_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (1, in) against w (out, in): products and sums in fp32, one rounding to x's dtype."""
-    return (w.float() * x.float()).sum(-1).to(x.dtype)
+    """x (1, in) against w (out, in): products and sums in fp32, chunk by chunk of the row, one rounding to x's
+    dtype."""
+    chunks = row_chunks(w.shape[1])
+    return (w.view(w.shape[0], chunks, -1).float() * x.view(1, chunks, -1).float()).sum(-1).sum(-1).to(x.dtype)
 
 
 @functools.cache
@@ -83,9 +93,9 @@ def stream_kernel(inputs: int):
 
 def streams(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether x (one row) times w goes through the compiled kernel: bf16 on the CPU, without autograd, at least
-    STREAM_MIN_WEIGHTS contiguous weights, at most STREAM_MAX_IN inputs."""
+    STREAM_MIN_WEIGHTS contiguous weights, in rows that cut into equal chunks (`row_chunks`)."""
     return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and w.numel() >= STREAM_MIN_WEIGHTS and w.shape[1] <= STREAM_MAX_IN and w.is_contiguous()
+            and w.numel() >= STREAM_MIN_WEIGHTS and row_chunks(w.shape[1]) is not None and w.is_contiguous()
             and not torch.is_grad_enabled() and stream_kernel(w.shape[1]) is not None)
 
 

@@ -403,16 +403,18 @@ def test_a_bf16_prefill_multiplies_in_the_cpus_fast_dtype(monkeypatch, dense, mv
     torch.testing.assert_close(gemm.linear(one, lin), F.linear(one, lin.weight, lin.bias))
 
 
-def test_a_large_bf16_decode_row_streams_through_the_compiled_kernel():
+@pytest.mark.parametrize("inputs", [4096, 14336])  # a 7B's rows: attention and gate/up; the MLP's down projection
+def test_a_large_bf16_decode_row_streams_through_the_compiled_kernel(inputs):
     # A 7B decode step streams every weight once; the compiled loop (fp32 products and sums, one rounding)
-    # streams them faster than oneDNN's one-row product. It must agree with the fp32 product.
+    # streams them faster than oneDNN's one-row product. It must agree with the fp32 product, for a row summed
+    # in one pass and for one cut into chunks (14336 into 4 of 3584).
     import torch.nn.functional as F
 
     from minillavamed import gemm
 
     torch.manual_seed(0)
-    inputs = gemm.STREAM_MAX_IN
-    lin = torch.nn.Linear(inputs, gemm.STREAM_MIN_WEIGHTS // inputs).bfloat16()
+    assert gemm.row_chunks(inputs) == -(-inputs // gemm.STREAM_CHUNK)
+    lin = torch.nn.Linear(inputs, -(-gemm.STREAM_MIN_WEIGHTS // inputs)).bfloat16()
     with torch.inference_mode():  # as in a decode, the row is made under inference mode
         x = torch.randn(1, 1, inputs).bfloat16()
         exact = F.linear(x.float(), lin.weight.float(), lin.bias.float())
@@ -425,14 +427,24 @@ def test_a_large_bf16_decode_row_streams_through_the_compiled_kernel():
     assert y.shape == (1, 1, lin.out_features) and y.dtype == torch.bfloat16 and torch.equal(frozen, y)
     # The sum rounds to bf16 before the bias adds (as F.linear's does): two roundings at most.
     torch.testing.assert_close(y.float(), exact, rtol=2 * 2**-8, atol=1e-2)
-    # Not taken: with autograd on (training), for a small weight, for fp32, for a transposed weight, for a row
-    # longer than L1 holds beside the weights.
-    assert not gemm.streams(x[0], lin.requires_grad_(True).weight)
+
+
+def test_what_does_not_stream():
+    # With autograd on (training), a small weight, fp32, a transposed weight, and a row that no equal chunks of
+    # 1024-4096 cut (4099 is prime): F.linear.
+    from minillavamed import gemm
+
+    lin = torch.nn.Linear(gemm.STREAM_CHUNK, gemm.STREAM_MIN_WEIGHTS // gemm.STREAM_CHUNK).bfloat16()
+    x = torch.randn(1, gemm.STREAM_CHUNK).bfloat16()
+    assert not gemm.streams(x, lin.weight)
     with torch.inference_mode():
-        assert not gemm.streams(x[0], lin.weight[:8])
-        assert not gemm.streams(x[0].float(), lin.weight.float())
-        assert not gemm.streams(x[0], lin.weight.t().contiguous().t())
-        assert not gemm.streams(torch.randn(1, 2 * inputs).bfloat16(), torch.randn(1024, 2 * inputs).bfloat16())
+        assert gemm.streams(x, lin.weight)
+        assert not gemm.streams(x, lin.weight[:8])
+        assert not gemm.streams(x.float(), lin.weight.float())
+        assert not gemm.streams(x, lin.weight.t().contiguous().t())
+        assert gemm.row_chunks(4099) is None
+        assert not gemm.streams(torch.randn(1, 4099).bfloat16(), torch.randn(1024, 4099).bfloat16())
+    assert [gemm.row_chunks(n) for n in (64, 4096, 8192, 11008, 14336, 28672)] == [1, 1, 2, 4, 4, 7]
 
 
 def test_without_a_compiler_decoding_warns_and_uses_f_linear(monkeypatch):
@@ -449,9 +461,9 @@ def test_without_a_compiler_decoding_warns_and_uses_f_linear(monkeypatch):
     gemm.stream_kernel.cache_clear()
     try:
         with pytest.warns(UserWarning, match="decoding uses F.linear.*cc is not found"):
-            assert gemm.stream_kernel(gemm.STREAM_MAX_IN) is None
-        lin = torch.nn.Linear(gemm.STREAM_MAX_IN, gemm.STREAM_MIN_WEIGHTS // gemm.STREAM_MAX_IN).bfloat16()
-        x = torch.randn(1, gemm.STREAM_MAX_IN).bfloat16()
+            assert gemm.stream_kernel(gemm.STREAM_CHUNK) is None
+        lin = torch.nn.Linear(gemm.STREAM_CHUNK, gemm.STREAM_MIN_WEIGHTS // gemm.STREAM_CHUNK).bfloat16()
+        x = torch.randn(1, gemm.STREAM_CHUNK).bfloat16()
         with torch.inference_mode():
             assert not gemm.streams(x, lin.weight)
             assert torch.equal(gemm.linear(x, lin), F.linear(x, lin.weight, lin.bias))
