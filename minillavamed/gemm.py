@@ -57,7 +57,7 @@ STREAM_CHUNK = 4096
 
 def row_chunks(inputs: int) -> int | None:
     """Into how many equal chunks of at most STREAM_CHUNK the kernel cuts a row of `inputs` (1 where it fits),
-    or None where no such cut leaves chunks of at least a quarter of that (a row of a prime length)."""
+    or None where no such cut leaves chunks of about a quarter of that or more (a row of a prime length)."""
     fewest = -(-inputs // STREAM_CHUNK)
     return next((c for c in range(fewest, 4 * fewest + 1) if inputs % c == 0), None)
 
