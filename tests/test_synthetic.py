@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from minillavamed import synthetic as syn
+from minillavamed.evaluation import closed_correct, open_recall
 
 SMALL = syn.WorldConfig(seed=0, image_size=64, n_pmc=40, n_instruct=30, n_vqa_train=20, n_vqa_test=20, n_general=10)
 REPO = Path(__file__).resolve().parents[1]
@@ -174,14 +176,14 @@ def test_conversations_hold_no_fact_absent_from_the_caption(world):
         for human, gpt in zip(turns[::2], turns[1::2]):
             q, a = syn.normalize_question(human["value"]), gpt["value"]
             if q in table:
-                assert a == table[q].answer(facts), (q, a, caption)
+                assert a == syn.reasoned_answer(facts, q, table[q].answer(facts)), (q, a, caption)
                 if table[q].answer_type == "OPEN":
-                    assert a in caption
+                    assert table[q].answer(facts) in caption and table[q].answer(facts) in a
             elif q in checks:
-                assert a == ("yes" if checks[q] == syn.domain_of(facts) else "no")
+                assert a.startswith("yes, " if checks[q] == syn.domain_of(facts) else "no, "), (q, a)
             elif q in value_checks:
                 topic, value = value_checks[q]
-                assert a == ("yes" if facts[topic] == value else "no"), (q, a, caption)
+                assert a.startswith("yes, " if facts[topic] == value else "no, "), (q, a, caption)
             else:
                 assert q in syn.DESCRIBE_PROMPTS
                 assert syn.parse_caption(a) == facts, (a, caption)
@@ -191,7 +193,32 @@ def test_conversations_hold_no_fact_absent_from_the_caption(world):
     answers = [gpt["value"] for seed in range(20)
                for human, gpt in zip(*[iter(syn.conversation_from_caption(edited, np.random.default_rng(seed)))] * 2)
                if syn.normalize_question(human["value"]) == "where is the opacity?"]
-    assert answers and set(answers) == {"left lower lobe"}
+    assert answers and set(answers) == {"chest x-ray showing an opacity in the left lower lobe."}
+
+
+def test_stage_two_replies_answer_with_what_the_figure_shows():
+    # GPT-4's replies say, in the caption's words, what the figure shows about the fact asked (after the
+    # yes/no of a closed question), and the paper's scoring reads them as their answers: a closed reply's
+    # first yes/no word is the answer, an open reply holds every word of the answer. No article comes
+    # before a stain, where it would give the stain away before it is written.
+    rng = np.random.default_rng(2)
+    for i in range(400):
+        facts = syn.sample_scene(syn.DOMAINS[i % 5], rng)
+        caption = syn.write_caption(facts, rng)[1]
+        for question, answer, kind in syn.questions_for(facts, rng):
+            reply = syn.reasoned_answer(facts, question, answer)
+            assert facts["modality"] in reply and not re.search(r"\ban? \S+-stained", reply), reply
+            if kind == "CLOSED":
+                assert reply.startswith(f"{answer}, ") and closed_correct(reply, answer), (question, reply)
+                assert not closed_correct(reply, "no" if answer == "yes" else "yes")
+            else:
+                assert open_recall(reply, answer) == 1.0 and answer in caption, (question, reply)
+    facts = {"modality": "ct", "region": "abdomen", "lesion": "yes", "size": "small", "side": "left", "organ": "kidney"}
+    assert syn.reasoned_answer(facts, "is the lesion large?", "no") == \
+        "no, axial ct of the abdomen showing a small lesion in the left kidney."
+    assert syn.reasoned_answer(facts, "what type of image is this?", "ct") == "axial ct of the abdomen."
+    facts = {"modality": "histology", "stain": "h&e", "density": "low", "atypia": "yes"}
+    assert syn.reasoned_answer(facts, "what stain is used?", "h&e") == "h&e-stained histology section."
 
 
 def test_caption_only_concepts_stay_out_of_the_conversations(world):
