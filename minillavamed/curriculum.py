@@ -31,8 +31,8 @@ TINY_STAGES = {
     # keeps the sampled instruction in that template, as LLaVA-Med v1's stage 1 did (`plain` drops it).
     # Six epochs of 6,000 pairs: after two, its captions stated lesions, sides and sizes at chance.
     1: dict(epochs=6.0, lr=5e-3, global_batch=32, conv=None),
-    # A tenth of stage 1's rate (the paper's is a hundredth): at 1e-3 stage 2 overwrote what stage 1 aligned
-    # and scored as if it had started without it.
+    # A twenty-fifth of stage 1's rate (the paper's is a hundredth): at 1e-3 stage 2 overwrote what stage 1
+    # aligned and scored as if it had started without it; at 5e-4 it no longer named a caption-only concept.
     2: dict(epochs=10.0, lr=2e-4, global_batch=32),
     3: dict(epochs=3.0, lr=1e-4, global_batch=32),
 }
