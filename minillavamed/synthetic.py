@@ -104,9 +104,10 @@ def _article(phrase: str) -> str:
     return "an" if phrase[:1] in "aeio" or phrase.startswith(("h&e", "mri")) else "a"
 
 
-def finding_clauses(facts: dict, pick: Pick) -> tuple[str, str, dict[str, str]]:
-    """(subject, verb, {fact: clause}) of the sentence that names the modality and every finding of the scene,
-    in the world's fixed vocabulary; the subject names the modality (and the stain)."""
+def finding_clauses(facts: dict, pick: Pick) -> tuple[str, str, str, dict[str, str]]:
+    """(subject, verb, findings, {fact: clause}) of the sentence that names the modality and every finding of
+    the scene, in the world's fixed vocabulary; the subject names the modality (and the stain), `findings`
+    joins the clauses as the sentence says them."""
     domain = domain_of(facts)
     verb = pick(["showing", "demonstrating", "revealing"])
     if domain == "chest_xray":
@@ -117,7 +118,7 @@ def finding_clauses(facts: dict, pick: Pick) -> tuple[str, str, dict[str, str]]:
             opacity = pick(["no focal opacity", "clear lungs with no opacity"])
         heart = (pick(["an enlarged heart", "cardiomegaly with an enlarged heart"]) if facts["heart_enlarged"] == "yes"
                  else pick(["a normal heart size", "a heart of normal size"]))
-        return subject, verb, {"presence": opacity, "lobe": opacity, "heart": heart}
+        return subject, verb, f"{opacity} and {heart}", {"presence": opacity, "lobe": opacity, "heart": heart}
     if domain == "histology":
         stain = facts["stain"]
         subject = pick([f"histology of {_article(stain)} {stain}-stained section",
@@ -125,7 +126,8 @@ def finding_clauses(facts: dict, pick: Pick) -> tuple[str, str, dict[str, str]]:
                         f"histology image of {_article(stain)} {stain}-stained tissue"])
         atypia = (pick(["atypical nuclei", "large atypical nuclei"]) if facts["atypia"] == "yes"
                   else pick(["no atypical nuclei", "no nuclear atypia"]))
-        return subject, verb, {"density": f"{facts['density']} cell density", "atypia": atypia}
+        density = f"{facts['density']} cell density"
+        return subject, verb, f"{density} with {atypia}", {"density": density, "atypia": atypia}
     if domain == "gross":
         subject = pick(["gross pathology photograph of the resected specimen",
                         "gross pathology of the excised specimen"])
@@ -133,7 +135,7 @@ def finding_clauses(facts: dict, pick: Pick) -> tuple[str, str, dict[str, str]]:
             lesion = f"a {facts['size']} {facts['color']} lesion" + pick(["", " on the cut surface"])
         else:
             lesion = pick(["no lesion", "no focal lesion on the cut surface"])
-        return subject, verb, dict.fromkeys(("presence", "size", "color"), lesion)
+        return subject, verb, lesion, dict.fromkeys(("presence", "size", "color"), lesion)
     if domain == "ct_scan":
         subject = pick(["axial ct", "contrast-enhanced ct", "ct scan"]) + f" of the {facts['region']}"
         place, adjective = facts.get("organ", ""), "nodular" if facts["region"] == "chest" else "hypodense"
@@ -144,18 +146,13 @@ def finding_clauses(facts: dict, pick: Pick) -> tuple[str, str, dict[str, str]]:
         lesion = (f"a {facts['size']} " + pick(["", adjective + " "]) + f"lesion in the {facts['side']} {place}")
     else:
         lesion = pick(["no lesion", "no focal lesion"])
-    return subject, verb, dict.fromkeys(("presence", "size", "side", "organ"), lesion)
+    return subject, verb, lesion, dict.fromkeys(("presence", "size", "side", "organ"), lesion)
 
 
 def finding_sentence(facts: dict, pick: Pick) -> str:
     """One sentence naming the modality and every finding of the scene, in the world's fixed vocabulary."""
-    subject, verb, clauses = finding_clauses(facts, pick)
-    domain = domain_of(facts)
-    if domain == "chest_xray":
-        return f"{subject} {verb} {clauses['presence']} and {clauses['heart']}."
-    if domain == "histology":
-        return f"{subject} {verb} {clauses['density']} with {clauses['atypia']}."
-    return f"{subject} {verb} {clauses['presence']}."
+    subject, verb, findings, _ = finding_clauses(facts, pick)
+    return f"{subject} {verb} {findings}."
 
 
 CONTEXT_SENTENCES = ["image obtained at admission.", "follow-up study after treatment.",
@@ -342,7 +339,7 @@ def reasoned_answer(facts: dict, question: str, answer: str) -> str:
     concept alignment taught the model to write about an image, so instruction tuning teaches it to answer by
     describing what it sees, where a bare answer would be a new readout over the values its conversations
     happen to give."""
-    subject, verb, clauses = finding_clauses(facts, _reply_pick)
+    subject, verb, _, clauses = finding_clauses(facts, _reply_pick)
     shown = subject + (f" {verb} {clauses[TOPIC[question]]}" if TOPIC[question] in clauses else "")
     return f"{answer}, {shown}." if answer in ("yes", "no") else f"{shown}."
 
