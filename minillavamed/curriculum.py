@@ -29,8 +29,8 @@ TINY_STAGES = {
     0: dict(epochs=4.0, lr=5e-4, global_batch=32),
     # The stage-0 decoder writes legends from notes in a chat turn (synthetic.text_conversation), so stage 1
     # keeps the sampled instruction in that template, as LLaVA-Med v1's stage 1 did (`plain` drops it).
-    # Three epochs of 12,000 pairs: with a third as many steps, its captions stated lesions, sides and sizes
-    # at chance.
+    # Three epochs of 12,000 pairs, as many steps as six of 6,000: with a third of those steps its captions
+    # stated lesions, sides and sizes at chance.
     1: dict(epochs=3.0, lr=5e-3, global_batch=32, conv=None),
     # A twenty-fifth of stage 1's rate (the paper's is a hundredth): at 1e-3 stage 2 overwrote what stage 1
     # aligned and scored as if it had started without it; at 5e-4 it no longer named a caption-only concept.
