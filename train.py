@@ -92,7 +92,9 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the model")
     grad_ckpt: bool = opt(False, "recompute decoder blocks in the backward pass (less memory)")
     fsdp: bool = opt(False, "shard parameters over processes (torchrun) instead of DDP")
-    pack: bool = opt(False, "pack samples back to back in one row (varlen attention) instead of padding")
+    pack: bool | None = opt(None, "pack each micro-batch's samples back to back in one row (varlen attention) "
+                                  "instead of padding them: the same samples and losses without computing on "
+                                  "padding; default: packed on the synthetic world, padded with --data")
     peak_tflops: float = opt(0.0, "peak dense bf16 TFLOPS for MFU; 0: from the GPU's name")
     num_workers: int = opt(-1, "data loading processes per rank; -1: up to 4 on GPUs (as the cores allow), 0 on "
                                "CPUs")
@@ -168,8 +170,9 @@ def parse_args(argv=None) -> TrainConfig:
     types = _flag_types()
     for f in dataclasses.fields(TrainConfig):
         help_text = f.metadata["help"].replace("%", "%%")
-        if f.type == "bool":
-            p.add_argument(f"--{f.name}", action="store_true", help=help_text)
+        if f.type.startswith("bool"):  # "bool | None": the stage's choice unless --X or --no-X says otherwise
+            action = "store_true" if f.type == "bool" else argparse.BooleanOptionalAction
+            p.add_argument(f"--{f.name}", action=action, help=help_text)
             continue
         if f.default not in ("", 0, 0.0):
             help_text += " (default: %(default)s)"
@@ -189,6 +192,8 @@ def fill_defaults(cfg: TrainConfig) -> TrainConfig:
     for key in ("epochs", "lr", "global_batch", "micro_batch", "max_len"):
         if not getattr(cfg, key):
             setattr(cfg, key, table[key])
+    if cfg.pack is None:
+        cfg.pack = table["pack"]
     if synthetic:
         cfg.out_dir = cfg.out_dir or f"out/tiny/stage{cfg.stage}"
         if cfg.stage > 0 and not cfg.init_from:

@@ -164,19 +164,23 @@ def attention_varlen(
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen,
                                       softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=causal)
-    # Without the varlen kernel: one row, with a block-diagonal mask that keeps segments apart.
-    total = q.shape[0]
+    # Without the varlen kernel: the segments laid out as right-padded rows of one batch. A block-diagonal mask
+    # over the packed row would cost (total tokens)^2 per head; padded rows cost (rows x longest^2), and causal
+    # rows need no mask at all (a real query never reaches the padding after it), so SDPA runs its fused kernel.
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(q.device)
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
-    if segment.numel() != total:
-        raise ValueError(f"cu_seqlens covers {segment.numel()} tokens but the packed tensors hold {total}")
-    allowed = segment[:, None] == segment[None, :]
-    if causal:
-        allowed &= torch.ones(total, total, dtype=torch.bool, device=q.device).tril()
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    q1, k1, v1 = (t.unsqueeze(0) for t in (q, k, v))
-    if backend == "naive":
-        return _naive(q1, k1, v1, allowed, scale)[0]
-    if backend != "sdpa":
+    total, rows = q.shape[0], len(lengths)
+    if int(lengths.sum()) != total:
+        raise ValueError(f"cu_seqlens covers {int(lengths.sum())} tokens but the packed tensors hold {total}")
+    longest = int(lengths.max())
+    segment = torch.repeat_interleave(torch.arange(rows, device=q.device), lengths)
+    starts = cu_seqlens[:-1].to(q.device, torch.long)
+    slot = torch.arange(total, device=q.device) - starts[segment] + segment * longest
+
+    def padded(t):
+        return t.new_zeros(rows * longest, *t.shape[1:]).index_copy(0, slot, t).view(rows, longest, *t.shape[1:])
+
+    keys = None if causal else torch.arange(longest, device=q.device)[None, :] < lengths[:, None]
+    if backend not in ("naive", "sdpa"):
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    return _sdpa(q1, k1, v1, allowed, False, scale)[0]
+    out = attention(padded(q), padded(k), padded(v), causal=causal, key_padding_mask=keys, backend=backend)
+    return out.reshape(rows * longest, *out.shape[2:]).index_select(0, slot)

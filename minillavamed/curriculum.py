@@ -38,10 +38,12 @@ TINY_STAGES = {
     2: dict(epochs=5.0, lr=2e-4, global_batch=32),
     3: dict(epochs=3.0, lr=1e-4, global_batch=32),
 }
+# The tiny stages pack each micro-batch into one row: the same samples and losses as padded rows, and a
+# stage-2 step a third shorter on a CPU (bench/RESULTS.md). The paper's stages pad, as LLaVA-Med does.
 for _stage in TINY_STAGES.values():
-    _stage.update(max_len=256, micro_batch=16)
+    _stage.update(max_len=256, micro_batch=16, pack=True)
 for _stage in STAGES.values():
-    _stage.update(max_len=2048, micro_batch=16)
+    _stage.update(max_len=2048, micro_batch=16, pack=False)
 
 # Dense bf16 peak of the GPUs a run may land on, the denominator of MFU.
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L40S": 362.0, "A10G": 125.0}

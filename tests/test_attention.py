@@ -138,13 +138,21 @@ def test_triton_refuses_what_the_kernels_cannot_run():
         attention_varlen(q[0], k[0], v[0], cu, 4, causal=True, backend="triton")
 
 
-def test_varlen_keeps_segments_apart():
-    q, k, v = (t[0] for t in tensors(1, 10, 10, 4, 2))
-    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
-    out = attention_varlen(q, k, v, cu, 6, causal=True)
-    for s, e in ((0, 4), (4, 10)):
-        alone = attention(q[None, s:e], k[None, s:e], v[None, s:e], causal=True, backend="naive")[0]
+@pytest.mark.parametrize("backend", ["sdpa", "naive"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_varlen_keeps_segments_apart(causal, backend):
+    q, k, v = (t[0].requires_grad_() for t in tensors(1, 10, 10, 4, 2))
+    cu = torch.tensor([0, 4, 5, 10], dtype=torch.int32)  # a segment of one token among them
+    out = attention_varlen(q, k, v, cu, 5, causal=causal, backend=backend)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for s, e in ((0, 4), (4, 5), (5, 10)):
+        parts = [t.detach()[None, s:e].requires_grad_() for t in (q, k, v)]
+        alone = attention(*parts, causal=causal, backend="naive")[0]
         torch.testing.assert_close(out[s:e], alone, rtol=1e-5, atol=1e-5)
+        for g, g_alone in zip(grads, torch.autograd.grad(alone.square().sum(), parts)):
+            torch.testing.assert_close(g[s:e], g_alone[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="covers 9 tokens but the packed tensors hold 10"):
+        attention_varlen(q, k, v, cu - torch.tensor([0, 0, 0, 1], dtype=torch.int32), 5, causal=causal)
 
 
 def test_bad_input():

@@ -362,13 +362,22 @@ def test_packed_rows_train_on_the_same_tokens_with_the_same_losses(world, base, 
     assert sum(padded for _, (_, _, padded) in counted) > 0  # the padded batches do pad: packing saves that
     assert all(r["pad_frac"] == 0 for r in rows(out)) and all(r["pad_frac"] > 0 for r in rows(base)[:3])
     # Each micro-batch's loss is the mean over the same label tokens either way, so the first loss is the same
-    # up to the order of summation (varlen attention over one row against masked attention over padded rows:
-    # equal to the bit here); after a step the weights differ by that rounding, and AdamW carries it on
+    # up to the order of summation (the packed segments go through attention as padded rows without a mask,
+    # the padded batch with its padding mask: equal to 1e-6 here); after a step the weights differ by that rounding, and AdamW carries it on
     # (measured: losses 1e-7, gradient norms 1e-6 relative by step 3). Attention across a sample boundary,
     # positions that do not restart, or a label shifted into the next sample change the first loss by >1e-3.
     torch.testing.assert_close(losses(out)[0], losses(base)[0], rtol=1e-6, atol=0)
     torch.testing.assert_close(losses(out), losses(base)[:3], rtol=1e-5, atol=0)
     torch.testing.assert_close(norms(out), norms(base)[:3], rtol=1e-5, atol=0)
+
+
+def test_the_synthetic_world_packs_and_the_papers_data_pads_unless_told(world, tmp_path):
+    def packs(*argv):
+        return train.fill_defaults(train.parse_args(["--stage", "0", *argv])).pack
+
+    given = ("--data", world["general"], "--out_dir", str(tmp_path))
+    assert packs() is True and packs("--no-pack") is False
+    assert packs(*given) is False and packs(*given, "--pack") is True
 
 
 @pytest.mark.slow
