@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import multiprocessing
 import os
 import re
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -481,21 +484,89 @@ def vqa_scene(cfg: WorldConfig, split: str, i: int) -> tuple[str, dict, np.rando
     return domain, sample_scene(domain, rng), rng
 
 
-def _vqa_split(split: str, n: int, cfg: WorldConfig, folder: Path) -> list[dict]:
-    records = []
-    for i in range(n):
-        domain, facts, rng = vqa_scene(cfg, split, i)
-        image = _draw(domain, facts, rng, cfg, folder, f"{split}_{i:06d}.png")
-        for k, (q, a, kind) in enumerate(questions_for(facts, rng)):
-            records.append(vqa_record(f"{split}_{i:06d}_q{k}", image, q, a, kind) | {"slice": vqa_slice(facts, q)})
-    return records
+def _pmc_pair(cfg: WorldConfig, folder: Path, i: int) -> tuple[dict, dict]:
+    """Figure-caption pair i, drawn: its PMC record and its stage-1 alignment record."""
+    rng = _rng(cfg, "pmc", i)
+    domain = DOMAINS[i % len(DOMAINS)]
+    facts = sample_scene(domain, rng)
+    image = _draw(domain, facts, rng, cfg, folder, f"pmc_{i:06d}.png")
+    label, caption, mentions = write_caption(facts, rng)
+    pair_id = f"pmc_{i:06d}"
+    return ({"pair_id": pair_id, "image": image, "fig_label": label, "fig_caption": caption,
+             "in_text_mention": mentions, "domain": domain},
+            {"id": pair_id, "image": image, "conversations": [
+                {"from": "human", "value": place_image(_pick(rng, ALIGNMENT_PROMPTS), rng)},
+                {"from": "gpt", "value": caption}]})
+
+
+def _general_record(cfg: WorldConfig, folder: Path, i: int) -> dict:
+    rng = _rng(cfg, "general", i)
+    facts = sample_general_scene(rng)
+    image = _draw("general", facts, rng, cfg, folder, f"general_{i:06d}.png")
+    return {"id": f"general_{i:06d}", "image": image, "conversations": general_conversation(facts, rng)}
+
+
+def _vqa_records(cfg: WorldConfig, folder: Path, split: str, i: int) -> list[dict]:
+    """Image i of a VQA split, drawn, with every question that applies to it."""
+    domain, facts, rng = vqa_scene(cfg, split, i)
+    image = _draw(domain, facts, rng, cfg, folder, f"{split}_{i:06d}.png")
+    return [vqa_record(f"{split}_{i:06d}_q{k}", image, q, a, kind) | {"slice": vqa_slice(facts, q)}
+            for k, (q, a, kind) in enumerate(questions_for(facts, rng))]
+
+
+# A world of at least this many images is drawn on every core (starting a process takes a second or two);
+# each image has its own random stream, so the bytes are the same on any number of processes.
+PARALLEL_IMAGES = 1000
+PROGRESS_SECONDS = 15.0
+
+
+class _Drawing:
+    """Runs the per-image functions above in order, on a pool of processes for a large world, with a line of
+    progress (images drawn, rate, ETA) every PROGRESS_SECONDS."""
+
+    def __init__(self, cfg: WorldConfig, folder: Path):
+        self.cfg, self.folder = cfg, folder
+        self.total = cfg.n_pmc + cfg.n_general + cfg.n_vqa_train + cfg.n_vqa_test
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.processes = cores if self.total >= PARALLEL_IMAGES else 1
+        self.done, self.start, self.last = 0, time.monotonic(), time.monotonic()
+
+    def __enter__(self) -> "_Drawing":
+        print(f"synthetic world: drawing {self.total:,} images into {self.folder} on {self.processes} "
+              f"process{'es' if self.processes > 1 else ''}", flush=True)
+        # spawn, not fork: the caller (train.py) may hold torch's thread pools, which a forked child inherits.
+        self.pool = (ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+                     if self.processes > 1 else None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def each(self, work: Callable, n: int, *args) -> list:
+        """[work(cfg, folder, *args, i) for i in range(n)]."""
+        work = functools.partial(work, self.cfg, self.folder, *args)
+        results = []
+        chunk = max(1, n // (16 * self.processes))
+        for result in self.pool.map(work, range(n), chunksize=chunk) if self.pool else map(work, range(n)):
+            results.append(result)
+            self.done += 1
+            now = time.monotonic()
+            if now - self.last >= PROGRESS_SECONDS:
+                rate = self.done / (now - self.start)
+                print(f"synthetic world: {self.done:,}/{self.total:,} images, {rate:.0f}/s, "
+                      f"ETA {(self.total - self.done) / rate / 60:.1f} min", flush=True)
+                self.last = now
+        return results
 
 
 def generate_world(out_dir: str | Path, cfg: WorldConfig | None = None) -> dict[str, str]:
     """Write images/ and the JSON files of the world; returns {name: path} (plus "image_folder").
 
     The manifest (with the config) is written last and atomically: a complete world with the same config
-    is reused, an interrupted or different one is regenerated."""
+    is reused, an interrupted or different one is regenerated. A world of PARALLEL_IMAGES images or more is
+    drawn on every core by spawned processes, so a script that calls this needs the `if __name__ ==
+    "__main__":` guard around its own work."""
     cfg = cfg or WorldConfig()
     cfg.validate()
     out = Path(out_dir)
@@ -508,19 +579,12 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig | None = None) -> dict[
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path.unlink(missing_ok=True)
 
-    pmc, alignment = [], []
-    for i in range(cfg.n_pmc):
-        rng = _rng(cfg, "pmc", i)
-        domain = DOMAINS[i % len(DOMAINS)]
-        facts = sample_scene(domain, rng)
-        image = _draw(domain, facts, rng, cfg, folder, f"pmc_{i:06d}.png")
-        label, caption, mentions = write_caption(facts, rng)
-        pair_id = f"pmc_{i:06d}"
-        pmc.append({"pair_id": pair_id, "image": image, "fig_label": label, "fig_caption": caption,
-                    "in_text_mention": mentions, "domain": domain})
-        alignment.append({"id": pair_id, "image": image, "conversations": [
-            {"from": "human", "value": place_image(_pick(rng, ALIGNMENT_PROMPTS), rng)},
-            {"from": "gpt", "value": caption}]})
+    with _Drawing(cfg, folder) as drawing:
+        pairs = drawing.each(_pmc_pair, cfg.n_pmc)
+        general = drawing.each(_general_record, cfg.n_general)
+        vqa = {split: [r for records in drawing.each(_vqa_records, n, split) for r in records]
+               for split, n in (("vqa_train", cfg.n_vqa_train), ("vqa_test", cfg.n_vqa_test))}
+    pmc, alignment = [p for p, _ in pairs], [a for _, a in pairs]
 
     instruct = []
     sources = [r for r in pmc if not names_caption_only(parse_caption(r["fig_caption"]))][: cfg.n_instruct]
@@ -537,18 +601,11 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig | None = None) -> dict[
     text = [{"id": f"text_{r['pair_id']}", "conversations": text_conversation(r["fig_caption"], _rng(cfg, "text", i))}
             for i, r in enumerate(pmc[: cfg.n_text])]
 
-    general = []
-    for i in range(cfg.n_general):
-        rng = _rng(cfg, "general", i)
-        facts = sample_general_scene(rng)
-        image = _draw("general", facts, rng, cfg, folder, f"general_{i:06d}.png")
-        general.append({"id": f"general_{i:06d}", "image": image, "conversations": general_conversation(facts, rng)})
-
     _write_json(out / FILES["pmc"], pmc, lines=True)
     _write_json(out / FILES["alignment"], alignment)
     _write_json(out / FILES["instruct"], instruct)
-    _write_json(out / FILES["vqa_train"], _vqa_split("vqa_train", cfg.n_vqa_train, cfg, folder))
-    _write_json(out / FILES["vqa_test"], _vqa_split("vqa_test", cfg.n_vqa_test, cfg, folder))
+    _write_json(out / FILES["vqa_train"], vqa["vqa_train"])
+    _write_json(out / FILES["vqa_test"], vqa["vqa_test"])
     _write_json(out / FILES["general"], general)
     _write_json(out / FILES["text"], text)
     _write_json(manifest_path, manifest)

@@ -42,6 +42,18 @@ def test_same_seed_same_bytes_different_seed_different(world, tmp_path):
     assert len(changed) >= 90, "a new seed must change every image and every JSON file"
 
 
+def test_a_world_drawn_on_two_processes_has_the_same_bytes(world, tmp_path, monkeypatch, capsys):
+    paths, _ = world
+    monkeypatch.setattr(syn, "PARALLEL_IMAGES", 0)  # the pool even for this small world
+    monkeypatch.setattr(syn, "PROGRESS_SECONDS", 0.0)  # and a line of progress after every image
+    monkeypatch.setattr(syn.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    two = syn.generate_world(tmp_path / "two", SMALL)
+    assert _hashes(Path(two["image_folder"]).parent) == _hashes(Path(paths["image_folder"]).parent)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("synthetic world: drawing 90 images into") and lines[0].endswith("on 2 processes")
+    assert re.fullmatch(r"synthetic world: 90/90 images, \d+/s, ETA 0\.0 min", lines[-1])
+
+
 def test_complete_world_is_reused_and_interrupted_one_regenerated(tmp_path):
     cfg = syn.WorldConfig(image_size=32, n_pmc=5, n_instruct=3, n_vqa_train=5, n_vqa_test=5, n_general=5)
     paths = syn.generate_world(tmp_path, cfg)
