@@ -222,7 +222,7 @@ def fill_defaults(cfg: TrainConfig) -> TrainConfig:
 
 
 def synthetic_paths(stage: int) -> tuple[dict, str]:
-    from minillavamed.synthetic import generate_world
+    from minillavamed.synthetic_world import generate_world
 
     paths = generate_world(WORLD)
     data = {0: [paths["general"], paths["text"]], 1: [paths["alignment"]], 2: [paths["instruct"]],

@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from minillavamed import synthetic as syn  # noqa: E402
+from minillavamed import synthetic_world as world  # noqa: E402
 from minillavamed.data import load_records  # noqa: E402
 from minillavamed.evaluation import closed_correct, open_recall  # noqa: E402
 from train import TrainConfig  # noqa: E402
@@ -94,8 +95,8 @@ def train(args: list[str], seed: int, log) -> float:
 
 def test_facts() -> list[dict]:
     """The hidden scene of every held-out VQA image."""
-    cfg = syn.WorldConfig(**json.loads((WORLD / "manifest.json").read_text())["config"])
-    return [syn.vqa_scene(cfg, "vqa_test", i)[1] for i in range(cfg.n_vqa_test)]
+    cfg = world.WorldConfig(**json.loads((WORLD / "manifest.json").read_text())["config"])
+    return [world.vqa_scene(cfg, "vqa_test", i)[1] for i in range(cfg.n_vqa_test)]
 
 
 def score(answers_file: Path, test: list[dict]) -> dict[str, dict[str, float]]:
@@ -156,10 +157,10 @@ def main() -> None:
     args = p.parse_args()
     log = lambda text: print(text, flush=True)  # noqa: E731
 
-    paths = syn.generate_world(WORLD)
+    paths = world.generate_world(WORLD)
     test = load_records(paths["vqa_test"])
     facts = test_facts()
-    baseline = syn.world_baseline(paths)
+    baseline = world.world_baseline(paths)
     small = (len(load_records(paths["instruct"])) - TrainConfig().val_size) // SMALL_SHARE
     commands = {key: command_text(targs) for key, _, targs in rows(DEFAULT_SEED, small)}
     results: dict[str, dict] = {}
@@ -187,7 +188,7 @@ def main() -> None:
           f"seeds {', '.join(map(str, args.seeds))} (mean, and min-max over seeds)\n")
     print("| model | command | minutes | closed | open | caption-only closed | caption-only open |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| text-only baseline (best question→answer lookup, no image) | `python -m minillavamed.synthetic "
+    print(f"| text-only baseline (best question→answer lookup, no image) | `python -m minillavamed.synthetic_world "
           f"--out data/synthetic` | | {100 * baseline['closed_accuracy']:.1f} | {100 * baseline['open_recall']:.1f} "
           f"| | |")
     for key, entry in results.items():

@@ -83,7 +83,7 @@ WORLD_ARGS=(--n_pmc 0 --n_instruct 0 --n_vqa_train 0 --n_vqa_test 2 --n_general 
 TRAIN_ARGS=(--stage 0 --preset tiny --data world/general.json --image_folder world/images
   --eval_data world/vqa_test.json --eval_questions 2 --max_iters "$STEPS" --global_batch "$BATCH"
   --micro_batch "$BATCH" --max_len 256 --lr 5e-4 --val_size "$VAL" --log_interval 1 --ckpt_interval 100000)
-part world "$WORLD_LIMIT" python3 -m minillavamed.synthetic --out world "${WORLD_ARGS[@]}"
+part world "$WORLD_LIMIT" python3 -m minillavamed.synthetic_world --out world "${WORLD_ARGS[@]}"
 part losses-fp32 "$LIMIT" python3 "$ROOT/train.py" "${TRAIN_ARGS[@]}" --out_dir run-fp32 --dtype float32 --attn sdpa
 # The same tokenizer for both runs: stage 0 trains one into out_dir unless it is already there.
 mkdir -p "$WORK/run-bf16" && cp -r "$WORK/run-fp32/tokenizer" "$WORK/run-bf16/" 2>/dev/null

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import train
 from minillavamed import LlavaMed
-from minillavamed.synthetic import WorldConfig, generate_world
+from minillavamed.synthetic_world import WorldConfig, generate_world
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = WorldConfig(seed=4, image_size=64, n_pmc=24, n_instruct=16, n_vqa_train=4, n_vqa_test=2, n_general=24)

@@ -17,7 +17,7 @@ import torch
 
 import train
 from minillavamed import LlavaMed
-from minillavamed.synthetic import WorldConfig, generate_world
+from minillavamed.synthetic_world import WorldConfig, generate_world
 from minillavamed.curriculum import set_trainable
 
 import hf_oracle as hf

@@ -190,7 +190,7 @@ def test_training_sampling_and_scoring_do_not_load_openai():
         "            Watch.stack = ''.join(traceback.format_stack(limit=25))\n"
         "sys.meta_path.insert(0, Watch())\n"
         "import importlib\n"
-        "for name in ('train', 'sample', 'minillavamed.evaluation', 'minillavamed.synthetic'):\n"
+        "for name in ('train', 'sample', 'minillavamed.evaluation', 'minillavamed.synthetic_world'):\n"
         "    importlib.import_module(name)\n"
         "    if 'openai' in sys.modules:\n"
         "        sys.exit(f'importing {name} loaded openai:\\n{Watch.stack}')\n")

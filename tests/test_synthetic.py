@@ -1,4 +1,4 @@
-"""Tests for the synthetic biomedical world (minillavamed/synthetic.py, synthetic_draw.py)."""
+"""Tests for the synthetic biomedical world (minillavamed/synthetic.py, synthetic_draw.py, synthetic_world.py)."""
 
 import hashlib
 import json
@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from minillavamed import synthetic as syn
+from minillavamed import synthetic_world as sw
 from minillavamed.evaluation import closed_correct, open_recall
 
-SMALL = syn.WorldConfig(seed=0, image_size=64, n_pmc=40, n_instruct=30, n_vqa_train=20, n_vqa_test=20, n_general=10)
+SMALL = sw.WorldConfig(seed=0, image_size=64, n_pmc=40, n_instruct=30, n_vqa_train=20, n_vqa_test=20, n_general=10)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,16 +27,16 @@ def _hashes(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    paths = syn.generate_world(out, SMALL)
-    return paths, {name: syn.load_records(p) for name, p in paths.items() if name != "image_folder"}
+    paths = sw.generate_world(out, SMALL)
+    return paths, {name: sw.load_records(p) for name, p in paths.items() if name != "image_folder"}
 
 
 def test_same_seed_same_bytes_different_seed_different(world, tmp_path):
     paths, _ = world
     first = _hashes(Path(paths["image_folder"]).parent)
-    again = _hashes(Path(syn.generate_world(tmp_path / "again", SMALL)["image_folder"]).parent)
+    again = _hashes(Path(sw.generate_world(tmp_path / "again", SMALL)["image_folder"]).parent)
     assert first == again and len(first) == 40 + 20 + 20 + 10 + 8  # images + 7 JSON files + manifest
-    other = _hashes(Path(syn.generate_world(tmp_path / "other", syn.WorldConfig(**{**vars(SMALL), "seed": 1}))
+    other = _hashes(Path(sw.generate_world(tmp_path / "other", sw.WorldConfig(**{**vars(SMALL), "seed": 1}))
                          ["image_folder"]).parent)
     assert other.keys() == first.keys()
     changed = [name for name in first if first[name] != other[name] and name != "manifest.json"]
@@ -44,10 +45,10 @@ def test_same_seed_same_bytes_different_seed_different(world, tmp_path):
 
 def test_a_world_drawn_on_two_processes_has_the_same_bytes(world, tmp_path, monkeypatch, capsys):
     paths, _ = world
-    monkeypatch.setattr(syn, "PARALLEL_IMAGES", 0)  # the pool even for this small world
-    monkeypatch.setattr(syn, "PROGRESS_SECONDS", 0.0)  # and a line of progress after every image
-    monkeypatch.setattr(syn.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    two = syn.generate_world(tmp_path / "two", SMALL)
+    monkeypatch.setattr(sw, "PARALLEL_IMAGES", 0)  # the pool even for this small world
+    monkeypatch.setattr(sw, "PROGRESS_SECONDS", 0.0)  # and a line of progress after every image
+    monkeypatch.setattr(sw.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    two = sw.generate_world(tmp_path / "two", SMALL)
     assert _hashes(Path(two["image_folder"]).parent) == _hashes(Path(paths["image_folder"]).parent)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("synthetic world: drawing 90 images into") and lines[0].endswith("on 2 processes")
@@ -55,17 +56,17 @@ def test_a_world_drawn_on_two_processes_has_the_same_bytes(world, tmp_path, monk
 
 
 def test_complete_world_is_reused_and_interrupted_one_regenerated(tmp_path):
-    cfg = syn.WorldConfig(image_size=32, n_pmc=5, n_instruct=3, n_vqa_train=5, n_vqa_test=5, n_general=5)
-    paths = syn.generate_world(tmp_path, cfg)
+    cfg = sw.WorldConfig(image_size=32, n_pmc=5, n_instruct=3, n_vqa_train=5, n_vqa_test=5, n_general=5)
+    paths = sw.generate_world(tmp_path, cfg)
     image = Path(paths["image_folder"]) / "pmc_000000.png"
     image.unlink()
-    syn.generate_world(tmp_path, cfg)
+    sw.generate_world(tmp_path, cfg)
     assert not image.exists(), "a complete world with the same config must be reused, not rewritten"
     (tmp_path / "manifest.json").unlink()  # what an interrupted generation leaves behind
-    syn.generate_world(tmp_path, cfg)
+    sw.generate_world(tmp_path, cfg)
     assert image.exists()
     image.unlink()
-    syn.generate_world(tmp_path, syn.WorldConfig(**{**vars(cfg), "seed": 3}))
+    sw.generate_world(tmp_path, sw.WorldConfig(**{**vars(cfg), "seed": 3}))
     assert image.exists(), "a different config must regenerate"
 
 
@@ -75,7 +76,7 @@ def test_complete_world_is_reused_and_interrupted_one_regenerated(tmp_path):
 ])
 def test_bad_config_is_refused(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):
-        syn.generate_world(tmp_path, syn.WorldConfig(**bad))
+        sw.generate_world(tmp_path, sw.WorldConfig(**bad))
 
 
 def _check_conversation(turns: list[dict], image_first_only: bool) -> None:
@@ -290,7 +291,7 @@ def test_text_only_baseline_on_hand_computed_example():
              rec("where is the opacity?", "right lower lobe")]
     test = [rec("is there a lesion?", "yes", "CLOSED"), rec("is there a lesion?", "no", "CLOSED"),
             rec("is the heart enlarged?", "no", "CLOSED"), rec("where is the opacity?", "right lower lobe", "OPEN")]
-    result = syn.text_only_baseline(train, test)
+    result = sw.text_only_baseline(train, test)
     assert result["closed_accuracy"] == pytest.approx(1 / 3)  # yes right, no wrong, unseen question wrong
     assert result["open_recall"] == pytest.approx(1 / 3)  # "left upper lobe" holds only "lobe"
     assert result["chance_open_recall"] == pytest.approx((1 / 3 + 1) / 2)
@@ -299,9 +300,9 @@ def test_text_only_baseline_on_hand_computed_example():
 
 @pytest.mark.slow
 def test_text_only_baseline_stays_near_chance(tmp_path):
-    cfg = syn.WorldConfig(seed=7, image_size=32, n_pmc=200, n_instruct=150, n_vqa_train=150, n_vqa_test=150,
+    cfg = sw.WorldConfig(seed=7, image_size=32, n_pmc=200, n_instruct=150, n_vqa_train=150, n_vqa_test=150,
                           n_general=0)
-    result = syn.world_baseline(syn.generate_world(tmp_path, cfg))
+    result = sw.world_baseline(sw.generate_world(tmp_path, cfg))
     print("text-only baseline:", result)
     assert result["n_closed"] > 300 and result["n_open"] > 200
     assert abs(result["closed_accuracy"] - 0.5) <= 0.10
@@ -311,7 +312,7 @@ def test_text_only_baseline_stays_near_chance(tmp_path):
 @pytest.mark.slow
 def test_cli_writes_world_and_grid(tmp_path):
     grid = tmp_path / "grid.png"
-    out = subprocess.run([sys.executable, "-m", "minillavamed.synthetic", "--out", str(tmp_path / "w"),
+    out = subprocess.run([sys.executable, "-m", "minillavamed.synthetic_world", "--out", str(tmp_path / "w"),
                           "--grid", str(grid),
                           "--image_size", "48", "--n_pmc", "5", "--n_instruct", "3", "--n_vqa_train", "5",
                           "--n_vqa_test", "5", "--n_general", "5"], cwd=REPO, capture_output=True, text=True, check=True)

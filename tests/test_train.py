@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import train
 from minillavamed import LlavaMed
 from minillavamed.data import ImageLoadError
-from minillavamed.synthetic import WorldConfig, generate_world
+from minillavamed.synthetic_world import WorldConfig, generate_world
 from minillavamed.curriculum import set_trainable
 
 ROOT = Path(__file__).resolve().parent.parent
