@@ -96,7 +96,7 @@ def train(args: list[str], seed: int, log) -> float:
 def test_facts() -> list[dict]:
     """The hidden scene of every held-out VQA image."""
     cfg = world.WorldConfig(**json.loads((WORLD / "manifest.json").read_text())["config"])
-    return [world.vqa_scene(cfg, "vqa_test", i)[1] for i in range(cfg.n_vqa_test)]
+    return [world.scene(cfg, "vqa_test", i)[1] for i in range(cfg.n_vqa_test)]
 
 
 def score(answers_file: Path, test: list[dict]) -> dict[str, dict[str, float]]:

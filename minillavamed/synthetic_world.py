@@ -90,9 +90,10 @@ def _write_json(path: Path, records: list[dict], lines: bool = False) -> None:
     os.replace(tmp, path)
 
 
-def vqa_scene(cfg: WorldConfig, split: str, i: int) -> tuple[str, dict, np.random.Generator]:
-    """(domain, hidden facts, the stream that draws it) of image i of a VQA split: the scene behind every
-    answer, for scoring what a model says about the image (bench/curriculum.py)."""
+def scene(cfg: WorldConfig, split: str, i: int) -> tuple[str, dict, np.random.Generator]:
+    """(domain, hidden facts, the stream that draws it) of image i of the figure-caption pairs or a VQA split:
+    the scene behind every caption and answer, also for scoring what a model says about the image
+    (bench/curriculum.py)."""
     rng = _rng(cfg, split, i)
     domain = DOMAINS[i % len(DOMAINS)]
     return domain, sample_scene(domain, rng), rng
@@ -100,9 +101,7 @@ def vqa_scene(cfg: WorldConfig, split: str, i: int) -> tuple[str, dict, np.rando
 
 def _pmc_pair(cfg: WorldConfig, folder: Path, i: int) -> tuple[dict, dict]:
     """Figure-caption pair i, drawn: its PMC record and its stage-1 alignment record."""
-    rng = _rng(cfg, "pmc", i)
-    domain = DOMAINS[i % len(DOMAINS)]
-    facts = sample_scene(domain, rng)
+    domain, facts, rng = scene(cfg, "pmc", i)
     image = _draw(domain, facts, rng, cfg, folder, f"pmc_{i:06d}.png")
     label, caption, mentions = write_caption(facts, rng)
     pair_id = f"pmc_{i:06d}"
@@ -122,7 +121,7 @@ def _general_record(cfg: WorldConfig, folder: Path, i: int) -> dict:
 
 def _vqa_records(cfg: WorldConfig, folder: Path, split: str, i: int) -> list[dict]:
     """Image i of a VQA split, drawn, with every question that applies to it."""
-    domain, facts, rng = vqa_scene(cfg, split, i)
+    domain, facts, rng = scene(cfg, split, i)
     image = _draw(domain, facts, rng, cfg, folder, f"{split}_{i:06d}.png")
     return [vqa_record(f"{split}_{i:06d}_q{k}", image, q, a, kind) | {"slice": vqa_slice(facts, q)}
             for k, (q, a, kind) in enumerate(questions_for(facts, rng))]
