@@ -37,9 +37,17 @@ from minillavamed.gemm import DENSE_ROWS, dense_dtype
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 INT4_PAD = 64  # int4 output rows are padded to a multiple of the largest kernel block (kernel_block_n)
-# Output rows quantised per pass (a multiple of INT4_PAD): the fp32 temporaries of one pass over a 7B
-# layer's 28672 rows would be 0.5 GB each, more than the int4 layer itself.
-ROWS_PER_PASS = 2048
+# Weights quantised (or dequantised for a prefill) per pass over a layer's output rows: the fp32 temporaries of
+# one pass over a 7B layer's 28672 rows would be 0.5 GB each, more than the int4 layer itself. A count of
+# weights rather than of rows, so that a pass over the MLP's down projection (14336 inputs) holds no more than
+# one over a 4096-input layer: with 2048 rows of it, the last layer read raised a 7B int4 load's peak by
+# 0.47 GiB (bench/RESULTS.md, issue 17).
+WEIGHTS_PER_PASS = 2048 * 4096
+
+
+def rows_per_pass(inputs: int) -> int:
+    """Output rows per pass over a layer of `inputs` inputs: WEIGHTS_PER_PASS of them, in whole int4 blocks."""
+    return max(INT4_PAD, WEIGHTS_PER_PASS // inputs // INT4_PAD * INT4_PAD)
 
 
 @dataclass(frozen=True)
@@ -166,16 +174,16 @@ class QuantizedLinear(nn.Module):
     @torch.no_grad()
     def fill_(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Quantise a float (out, in) weight (and copy its bias) into this layer's storage, in place."""
-        out = self.out_features
+        out, step = self.out_features, rows_per_pass(self.in_features)
         if self.cfg.mode == "int8":
-            for r in range(0, out, ROWS_PER_PASS):
-                qweight, scales = quantize_int8(weight[r:r + ROWS_PER_PASS])
-                self.qweight[r:r + ROWS_PER_PASS] = qweight
-                self.scales[r:r + ROWS_PER_PASS] = scales
+            for r in range(0, out, step):
+                qweight, scales = quantize_int8(weight[r:r + step])
+                self.qweight[r:r + step] = qweight
+                self.scales[r:r + step] = scales
         else:
             # Blocks of output rows are packed independently, so packing a pass's rows gives those rows.
-            for r in range(0, self.padded_out, ROWS_PER_PASS):
-                n = min(ROWS_PER_PASS, self.padded_out - r)
+            for r in range(0, self.padded_out, step):
+                n = min(step, self.padded_out - r)
                 real = weight[r:r + n]  # short (or empty) where the pass reaches the padding past out_features
                 rows = F.pad(real, (0, self.padded_in - self.in_features, 0, n - real.shape[0]))
                 values, scales = quantize_int4(rows, self.cfg.group_size)
@@ -196,9 +204,10 @@ class QuantizedLinear(nn.Module):
             self.qweight = saved
             return
         self.qweight = torch.empty(self.padded_out, self.padded_in // 2, dtype=torch.uint8)
-        for r in range(0, self.padded_out, ROWS_PER_PASS):
-            values = unpack_nibbles(saved[r:r + ROWS_PER_PASS]).to(torch.int32)
-            self.qweight[r:r + ROWS_PER_PASS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+        step = rows_per_pass(self.padded_in)
+        for r in range(0, self.padded_out, step):
+            values = unpack_nibbles(saved[r:r + step]).to(torch.int32)
+            self.qweight[r:r + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
 
     def dequantize(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
         """The (out, in) weight the quantised values stand for, or its `rows` (int4: from a multiple of
@@ -219,13 +228,14 @@ class QuantizedLinear(nn.Module):
         x = x.reshape(-1, self.in_features)
         if x.shape[0] > DENSE_ROWS:
             # fp32 activations stay fp32; bf16 ones multiply in fp32 where the CPU has no bf16 GEMM. The weight
-            # is dequantised ROWS_PER_PASS output rows at a time, so that a prefill holds one slice of it in
+            # is dequantised rows_per_pass output rows at a time, so that a prefill holds one slice of it in
             # float (a 7B MLP layer's whole bf16 weight is 0.23 GB, more than int4 layers hold).
             dense = torch.float32 if dense_dtype() is torch.float32 else x.dtype
             xd = x.to(dense)
             y = x.new_empty(x.shape[0], self.out_features)
-            for r in range(0, self.out_features, ROWS_PER_PASS):
-                rows = slice(r, r + ROWS_PER_PASS)
+            step = rows_per_pass(self.in_features)
+            for r in range(0, self.out_features, step):
+                rows = slice(r, r + step)
                 bias = None if self.bias is None else self.bias[rows].to(dense)
                 y[:, rows] = F.linear(xd, self.dequantize(dense, rows), bias)
             return y.view(*lead, self.out_features)

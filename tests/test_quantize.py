@@ -259,14 +259,14 @@ def test_sample_quantize_flag(tmp_path):
 
 @pytest.mark.parametrize("mode", ["int8", "int4-32"])
 def test_quantising_in_passes_of_rows_gives_the_whole_layers_result(mode, monkeypatch):
-    """from_linear quantises ROWS_PER_PASS output rows at a time; 200 rows in passes of 64 (the int4 block)
+    """from_linear quantises rows_per_pass output rows at a time; 200 rows in passes of 64 (the int4 block)
     include a short last pass and padding rows past out_features."""
     import minillavamed.quantize as quantize
 
     torch.manual_seed(0)
     lin = nn.Linear(96, 200, bias=True)
     whole = QuantizedLinear.from_linear(lin, QuantConfig.parse(mode))
-    monkeypatch.setattr(quantize, "ROWS_PER_PASS", 64)
+    monkeypatch.setattr(quantize, "WEIGHTS_PER_PASS", 64 * 96)  # 64 rows of 96 inputs
     passes = QuantizedLinear.from_linear(lin, QuantConfig.parse(mode))
     for name in ("qweight", "scales", "bias"):
         assert torch.equal(getattr(passes, name), getattr(whole, name)), name
