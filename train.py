@@ -19,29 +19,31 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 
 from minillavamed import LlavaMed
 from minillavamed.attention import require_triton
-from minillavamed.checkpoint import CheckpointError, check_vocab, fill_shards, read_config, save_state
-from minillavamed.config import IMAGE_TOKEN_INDEX, preset
+from minillavamed.batches import Collate, MicroBatch, default_workers, make_loader, to_device
+from minillavamed.checkpoint import CheckpointError, check_vocab, fill_shards, read_config
+from minillavamed.config import preset
 from minillavamed.conversation import get_template, render
 from minillavamed.curriculum import STAGES, TINY_STAGES, peak_tflops, set_trainable
 from minillavamed.data import (ConversationDataset, DataError, DataReport, ImageProcessor, check_data, collate,
                                load_records, questions_from_vqa, record_problem)
+from minillavamed.distributed import Dist, all_sum, barrier, raw, setup_distributed
 from minillavamed.evaluation import score_vqa
 from minillavamed.inference import Assistant, answer_questions, default_dtype, device_arg
+from minillavamed.resume import (check_free_space, check_resume, latest_checkpoint, restore, save_checkpoint,
+                                 stop_signals)
 from minillavamed.tokenizer import Tokenizer, train_tokenizer
 
 WORLD = Path("data/synthetic")
@@ -240,126 +242,8 @@ def lr_at(it: int, cfg: TrainConfig, total: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# ------------------------------------------------------------------------------------------- processes
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    # Host-side flags (the stop signal) are reduced over gloo, so that checking them never waits for a GPU.
-    cpu_group: object = None
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(cfg: TrainConfig) -> Dist:
-    if "RANK" not in os.environ:
-        return Dist()
-    d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
-    if cfg.device.startswith("cuda"):
-        cfg.device = f"cuda:{d.local_rank}"
-        torch.cuda.set_device(cfg.device)
-    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    d.cpu_group = dist.new_group(backend="gloo") if cfg.device.startswith("cuda") else None
-    return d
-
-
-def barrier(d: Dist) -> None:
-    if d.world > 1:
-        dist.barrier()
-
-
-def all_sum(t: torch.Tensor, d: Dist, group=None, op=None) -> torch.Tensor:
-    """`t` summed (or reduced by `op`) over the processes, in place."""
-    if d.world > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
-    return t
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def full_states(model, optimizer, cfg: TrainConfig):
-    """Model and optimizer state dicts, gathered whole onto rank 0 under FSDP."""
-    if cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return raw(model).state_dict(), optimizer.state_dict()
-
-
-def save_checkpoint(out: Path, it: int, model, optimizer, cfg: TrainConfig, d: Dist, tokenizer: Tokenizer,
-                    position: dict) -> None:
-    """checkpoints/step-N written to a temp dir and renamed (a killed save leaves the previous ones whole),
-    then the model files at the top of out_dir replaced one by one, so that out_dir always loads. A failed
-    write (a full disk, a quota) removes what it left and stops the run naming the file and the reason; the
-    previous checkpoint and the top-level model stay loadable."""
-    model_state, optim_state = full_states(model, optimizer, cfg)
-    failure = None
-    if d.master:
-        ckpts = out / "checkpoints"
-        tmp, final = ckpts / f".tmp-step-{it:07d}", ckpts / f"step-{it:07d}"
-        writing = tmp
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_state(raw(model).cfg, model_state, tmp)
-            writing = tmp / "tokenizer.model"
-            tokenizer.save_pretrained(tmp)  # with added_tokens.json / tokenizer_config.json where it has them
-            writing = tmp / "train_config.json"
-            writing.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-            writing = tmp / "train_state.pt"
-            torch.save({"iter": it, "optimizer": optim_state, "rng": rng_state(), "position": position,
-                        "train_config": dataclasses.asdict(cfg)}, writing)
-            shutil.rmtree(final, ignore_errors=True)
-            writing = final
-            tmp.rename(final)
-            for f in sorted(final.iterdir(), key=lambda f: f.name == "config.json"):  # weights first
-                if f.name not in ("train_state.pt", "train_config.json"):
-                    writing = out / f".{f.name}.tmp"
-                    shutil.copy(f, writing)
-                    os.replace(writing, out / f.name)
-        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save: a full disk is a RuntimeError
-            shutil.rmtree(tmp, ignore_errors=True)
-            for stray in out.glob(".*.tmp"):
-                stray.unlink(missing_ok=True)
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
-            free = shutil.disk_usage(out).free / 1e9
-            previous = latest_checkpoint(out)
-            failure = (f"saving the checkpoint of iter {it} failed writing {writing}: {reason} ({free:.2f} GB free "
-                       f"in {out}); {previous or 'no earlier checkpoint'} and the model at the top of {out} are "
-                       "as before; free space, then continue with --resume")
-        else:
-            for old in sorted(ckpts.glob("step-*"))[: -cfg.keep_last]:
-                shutil.rmtree(old)
-    failed = torch.tensor(float(failure is not None), device=next(raw(model).parameters()).device)
-    if all_sum(failed, d).item():
-        raise SystemExit(failure or "saving a checkpoint failed on rank 0; see its message")
-    barrier(d)
-
-
 # ------------------------------------------------------------------------------------ before any work
 RUN_FILES = ("train_config.json", "metrics.jsonl", "eval.json", "answers.jsonl", "checkpoints")
-# What --resume must share with the run it continues: the data, the model it started from and the
-# optimization. Lengths (max_iters, epochs), intervals, devices and kernels may change.
-RESUME_KEYS = ("stage", "data", "image_folder", "init_from", "vision_tower", "preset", "conv", "lr",
-               "min_lr_ratio", "weight_decay", "warmup_ratio", "global_batch", "max_len", "grad_clip", "val_size",
-               "train_records", "seed")
-PATH_KEYS = ("data", "image_folder", "init_from", "vision_tower")
 
 
 def prepare_out_dir(cfg: TrainConfig, d: Dist) -> None:
@@ -399,47 +283,6 @@ def prepare_out_dir(cfg: TrainConfig, d: Dist) -> None:
     barrier(d)
 
 
-def check_resume(cfg: TrainConfig, checkpoint: Path | None) -> None:
-    """--resume continues a checkpoint of this configuration only (RESUME_KEYS), naming what differs."""
-    if checkpoint is None:
-        return
-    if (checkpoint / "train_config.json").exists():
-        saved = json.loads((checkpoint / "train_config.json").read_text())
-    else:  # checkpoints written before train_config.json was saved beside the weights
-        saved = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=False,
-                           mmap=True).get("train_config", {})
-    now = dataclasses.asdict(cfg)
-
-    def same(k):
-        a, b = saved.get(k, now[k]), now[k]
-        if k in PATH_KEYS and a and b:
-            return os.path.realpath(a) == os.path.realpath(b)
-        return a == b
-
-    diffs = [f"--{k} {saved[k]!r} there, {now[k]!r} now" for k in RESUME_KEYS if not same(k)]
-    if diffs:
-        raise SystemExit(f"--resume: {checkpoint} belongs to another configuration ({'; '.join(diffs)}); resume "
-                         "with its settings, or start fresh with --move_aside or another --out_dir")
-
-
-def checkpoint_bytes(model, trainable) -> int:
-    """Disk one save needs before the old checkpoint is pruned: the weights twice (checkpoints/step-N and the
-    copy at the top of out_dir) and AdamW's two moments of every trainable parameter."""
-    weights = sum(p.numel() * p.element_size() for p in raw(model).state_dict().values())
-    return 2 * weights + 2 * sum(p.numel() * p.element_size() for p in trainable)
-
-
-def check_free_space(out: Path, model, trainable, d: Dist) -> None:
-    """Stop before training if out_dir cannot hold one more checkpoint."""
-    if not d.master:
-        return
-    need, free = checkpoint_bytes(model, trainable), shutil.disk_usage(out).free
-    if free < need:
-        raise SystemExit(f"--out_dir {out}: {free / 1e9:.2f} GB free, but one checkpoint needs about "
-                         f"{need / 1e9:.2f} GB (the weights twice and the optimizer state); free space or choose "
-                         "another --out_dir")
-
-
 def read_records(path: str) -> list[dict]:
     """load_records, its errors (malformed JSON, named by file and line) as one line and a non-zero exit."""
     try:
@@ -465,126 +308,10 @@ def validate_data(cfg: TrainConfig, files, image_folder, template, tokenizer, mo
     return report
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    steps = sorted((out / "checkpoints").glob("step-*"))
-    return steps[-1] if steps else None
-
-
-@contextmanager
-def stop_signals():
-    """A list that SIGTERM / SIGINT append to while training runs; the previous handlers come back after."""
-    caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda s, _f: caught.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield caught
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def raw(model):
-    return model.module if hasattr(model, "module") else model
-
-
-# ------------------------------------------------------------------------------------------------ data
-def micro_batches(n: int, cfg: TrainConfig, d: Dist, accum: int, epoch: int, start: int):
-    """Index lists for this rank: a seeded permutation per epoch, cut into global batches; micro-batch j of
-    rank r takes slice j * world + r, so the same samples meet in the same micro-batches whatever the
-    number of processes."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-    steps = n // cfg.global_batch
-    for step in range(start, steps):
-        batch = order[step * cfg.global_batch:(step + 1) * cfg.global_batch]
-        for j in range(accum):
-            k = j * d.world + d.rank
-            yield step, batch[k * cfg.micro_batch:(k + 1) * cfg.micro_batch]
-
-
-class RunBatches(torch.utils.data.Sampler):
-    """This rank's micro-batches from (epoch, step) to the end of the run, epoch after epoch, in the order
-    `micro_batches` defines: one DataLoader iterator serves the whole run, so its workers start once and
-    keep prefetching across epoch boundaries."""
-
-    def __init__(self, n: int, cfg: TrainConfig, d: Dist, accum: int, position: dict):
-        self.n, self.cfg, self.d, self.accum, self.position = n, cfg, d, accum, position
-
-    def __iter__(self):
-        epoch, start = self.position["epoch"], self.position["step"]
-        while True:
-            for _, indices in micro_batches(self.n, self.cfg, self.d, self.accum, epoch, start):
-                yield indices
-            epoch, start = epoch + 1, 0
-
-
-@dataclass
-class MicroBatch:
-    """What a data worker hands the loop: the collated batch (None when every image in it was unreadable)
-    and its counts, taken on the host so that the loop never reads them back from the device."""
-
-    batch: dict | None
-    skipped: int
-    text_tokens: int = 0
-    images: int = 0
-    padding: int = 0
-
-    def pin_memory(self) -> "MicroBatch":  # what DataLoader(pin_memory=True) calls on a custom type
-        if self.batch is not None:
-            self.batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in self.batch.items()}
-        return self
-
-
-@dataclass
-class Collate:
-    pad_id: int
-    pack: bool
-    image_tokens: int  # decoder positions per image
-
-    def __call__(self, items: list) -> MicroBatch:
-        batch = collate(items, self.pad_id, self.pack, self.image_tokens)
-        if batch is None:
-            return MicroBatch(None, len(items))
-        return MicroBatch(batch, batch["skipped"], *count_tokens(batch, self.image_tokens))
-
-
-def default_workers() -> int:
-    """Data workers per process on a GPU: the cores this node gives each of its processes, one left for
-    the training loop itself, at most 4 (twice what bench/data_speed.py finds an H100 needs at 7B)."""
-    per_process = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(4, per_process - 1))
-
-
-def make_loader(train_set, cfg: TrainConfig, d: Dist, accum: int, position: dict, collate_fn: Collate,
-                pin: bool):
-    """The training micro-batches in `micro_batches` order from `position` on, decoded by cfg.num_workers
-    processes (0: this one), each 4 micro-batches ahead, into pinned memory when `pin` (GPUs)."""
-    sampler = RunBatches(len(train_set), cfg, d, accum, dict(position))
-    workers = cfg.num_workers
-    return torch.utils.data.DataLoader(
-        train_set, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers, pin_memory=pin,
-        prefetch_factor=4 if workers else None,
-        # Workers forked here inherit nothing random that matters (the data path is deterministic); a
-        # private generator keeps the loader from drawing its worker seed from the training RNG.
-        generator=torch.Generator().manual_seed(cfg.seed))
-
-
 def build_dataset(records, cfg, template, tokenizer, processor, model_cfg, image_folder, source):
     return ConversationDataset(records, image_folder, template, tokenizer, processor, cfg.max_len,
                                model_cfg.vision.tokens_per_image, skip_bad_images=cfg.skip_bad_images, source=source,
                                im_start_end=model_cfg.mm_use_im_start_end)
-
-
-def count_tokens(batch: dict, patches: int) -> tuple[int, int, int]:
-    """(text tokens, images, padding positions) of a collated batch, counted after image splicing."""
-    ids, mask = batch["input_ids"], batch.get("attention_mask")
-    is_image = ids == IMAGE_TOKEN_INDEX
-    real_text = (ids >= 0) if mask is None else (mask.bool() & ~is_image)
-    per_row = real_text.sum(1) + is_image.sum(1) * patches
-    return int(real_text.sum()), int(is_image.sum()), int(per_row.max() * ids.shape[0] - per_row.sum())
-
-
-def to_device(batch: dict, device) -> dict:
-    keep = ("input_ids", "pixel_values", "attention_mask", "labels", "cu_seqlens", "max_seqlen")
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items() if k in keep}
 
 
 # ------------------------------------------------------------------------------------------ the run's steps
@@ -753,22 +480,6 @@ def parallelize(model: LlavaMed, cfg: TrainConfig, d: Dist, device: torch.device
 def make_optimizer(trainable: list, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                              eps=1e-8, foreach=device.type == "cuda")
-
-
-def restore(resume_from: Path | None, model, optimizer, cfg: TrainConfig, log) -> tuple[int, dict]:
-    """(iteration, data position) to start from: the checkpoint's optimizer, RNG and place in the data."""
-    if resume_from is None:
-        return 0, {"epoch": 0, "step": 0}
-    state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=False)
-    if cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    log(f"resumed from {resume_from} at iter {state['iter']}")
-    return state["iter"], state["position"]
 
 
 @dataclass

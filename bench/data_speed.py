@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import train  # noqa: E402  (train.py's collate, so the figure is train.py's data path)
 from minillavamed import LlavaMed  # noqa: E402
+from minillavamed.batches import Collate  # noqa: E402  (what train.py's loader workers run)
 from minillavamed.config import IMAGE_TOKEN_INDEX, preset  # noqa: E402
 from minillavamed.curriculum import set_trainable  # noqa: E402
 from minillavamed.data import ImageProcessor, load_image  # noqa: E402
@@ -51,7 +51,7 @@ def main() -> None:
     ids = torch.cat([torch.tensor([1]), torch.tensor([IMAGE_TOKEN_INDEX]), torch.randint(3, 32000, (args.text_len,))])
     for size in (224, 336):
         processor = ImageProcessor.for_model(size, "pad")
-        collate = train.Collate(pad_id=0, pack=False, image_tokens=(size // 14) ** 2)
+        collate = Collate(pad_id=0, pack=False, image_tokens=(size // 14) ** 2)
         best = float("inf")
         for _ in range(args.repeats):
             start = time.perf_counter()

@@ -16,7 +16,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import train
-from minillavamed import LlavaMed
+from minillavamed import LlavaMed, resume
+from minillavamed.distributed import Dist
 from minillavamed.synthetic_world import WorldConfig, generate_world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,10 +168,10 @@ def test_train_a_failed_checkpoint_write_keeps_the_previous_one(world, base, run
 @pytest.mark.slow
 def test_free_space_for_one_checkpoint_is_checked(base, monkeypatch, tmp_path):
     model = LlavaMed.from_pretrained(base)
-    need = train.checkpoint_bytes(model, list(model.parameters()))
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**12, 10**12, need - 1))
+    need = resume.checkpoint_bytes(model, list(model.parameters()))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**12, 10**12, need - 1))
     with pytest.raises(SystemExit, match=f"--out_dir {tmp_path}: 0.* GB free, but one checkpoint needs about"):
-        train.check_free_space(tmp_path, model, list(model.parameters()), train.Dist())
+        resume.check_free_space(tmp_path, model, list(model.parameters()), Dist())
 
 
 def bad_records(world, tmp_path) -> Path:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from minillavamed import LlavaMed
+from minillavamed import LlavaMed, batches
 from minillavamed.data import ImageLoadError
 from minillavamed.synthetic_world import WorldConfig, generate_world
 from minillavamed.curriculum import set_trainable
@@ -344,16 +344,15 @@ def test_grad_ckpt_recomputes_every_block_and_trains_the_same(world, base, tmp_p
 @pytest.mark.slow
 def test_packed_rows_train_on_the_same_tokens_with_the_same_losses(world, base, tmp_path, monkeypatch):
     counted = []
-    real = train.collate
+    real = batches.collate
 
     def collate(items, pad_id, pack=False, image_tokens=0):
         batch = real(items, pad_id, pack, image_tokens)
-        if pack:  # the training micro-batches; the validation pass pads
-            counted.append((train.count_tokens(batch, image_tokens), train.count_tokens(real(items, pad_id),
-                                                                                         image_tokens)))
+        counted.append((batches.count_tokens(batch, image_tokens), batches.count_tokens(real(items, pad_id),
+                                                                                        image_tokens)))
         return batch
 
-    monkeypatch.setattr(train, "collate", collate)
+    monkeypatch.setattr(batches, "collate", collate)  # the training micro-batches; the validation pass pads
     out = tmp_path / "out"
     assert train.main(args(world, 0, out, *SHORT, "--pack")) == 0
     assert len(counted) == 3 * 2
@@ -434,12 +433,12 @@ def test_cls_patch_images_are_counted_with_their_class_token(world, base):
     ds = train.build_dataset(records, cfg, train.get_template("plain"), tokenizer, processor, model.cfg,
                              world["image_folder"], "alignment")
     items = [ds[i] for i in range(len(ds))]
-    packed = train.collate(items, tokenizer.pad_id, True, model.cfg.vision.tokens_per_image)
-    padded = train.collate(items, tokenizer.pad_id)
-    assert train.count_tokens(padded, model.cfg.vision.tokens_per_image)[0] + 3 * 17 == packed["cu_seqlens"][-1]
+    packed = batches.collate(items, tokenizer.pad_id, True, model.cfg.vision.tokens_per_image)
+    padded = batches.collate(items, tokenizer.pad_id)
+    assert batches.count_tokens(padded, model.cfg.vision.tokens_per_image)[0] + 3 * 17 == packed["cu_seqlens"][-1]
     with torch.no_grad():
-        _, loss_packed = model(**train.to_device(packed, "cpu"))
-        _, loss_padded = model(**train.to_device(padded, "cpu"))
+        _, loss_packed = model(**batches.to_device(packed, "cpu"))
+        _, loss_padded = model(**batches.to_device(padded, "cpu"))
     torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-5)
 
 
