@@ -40,8 +40,8 @@ INT4_PAD = 64  # int4 output rows are padded to a multiple of the largest kernel
 # Weights quantised (or dequantised for a prefill) per pass over a layer's output rows: the fp32 temporaries of
 # one pass over a 7B layer's 28672 rows would be 0.5 GB each, more than the int4 layer itself. A count of
 # weights rather than of rows, so that a pass over the MLP's down projection (14336 inputs) holds no more than
-# one over a 4096-input layer: with 2048 rows of it, the last layer read raised a 7B int4 load's peak by
-# 0.47 GiB (bench/RESULTS.md, issue 17).
+# one over a 4096-input layer: 2048 rows of it made the last layer read a 7B int4 load's peak (4.84 GiB; 4.70
+# in passes of this count, bench/RESULTS.md, issue 17).
 WEIGHTS_PER_PASS = 2048 * 4096
 
 

@@ -257,6 +257,13 @@ def test_sample_quantize_flag(tmp_path):
         sample.parse_args(["--prompt", "hi", "--quantize", "int3"])
 
 
+def test_a_pass_holds_the_same_count_of_weights_whatever_the_layers_width():
+    """2048 rows of a 4096-input layer; of a 7B's down projection (14336 inputs) 576, whole blocks of 64."""
+    from minillavamed.quantize import rows_per_pass
+
+    assert rows_per_pass(4096) == 2048 and rows_per_pass(14336) == 576 and rows_per_pass(1 << 20) == 64
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4-32"])
 def test_quantising_in_passes_of_rows_gives_the_whole_layers_result(mode, monkeypatch):
     """from_linear quantises rows_per_pass output rows at a time; 200 rows in passes of 64 (the int4 block)
