@@ -622,13 +622,14 @@ def train(run: Run, it: int, position: dict) -> int:
         while it < run.max_iters:
             if start >= run.steps_per_epoch:
                 epoch, start = epoch + 1, 0
-            loss_sum, step_text, step_images = torch.zeros((), device=device), 0, 0
+            loss_sum, step_text, step_images, step_scored = torch.zeros((), device=device), 0, 0, 0
             for j in range(run.accum):
                 t_wait = time.perf_counter()
                 mb = next(batches)
                 meter.wait += time.perf_counter() - t_wait
                 meter.add(mb)
-                step_text, step_images = step_text + mb.text_tokens, step_images + mb.images
+                step_text, step_images, step_scored = (step_text + mb.text_tokens, step_images + mb.images,
+                                                       step_scored + mb.scored)
                 # Gradients are reduced across processes once per optimizer step, after the last micro-batch.
                 last = j == run.accum - 1
                 if cfg.fsdp:
@@ -652,7 +653,7 @@ def train(run: Run, it: int, position: dict) -> int:
             it, start = it + 1, start + 1
             meter.steps += 1
             row_length = (step_text + step_images * image_tokens) // (cfg.micro_batch * run.accum)
-            meter.flops += model.flops(step_text, step_images, max(1, row_length))
+            meter.flops += model.flops(step_text, step_images, max(1, row_length), step_scored)
             steps_timed += 1
 
             if it % cfg.log_interval == 0 or it == run.max_iters:

@@ -69,7 +69,7 @@ def main() -> None:
         for stage, mfu in zip((1, 2), args.mfu):
             set_trainable(model, stage)
             seq = args.text_len + cfg.vision.tokens_per_image
-            flops = model.flops(args.text_len, 1, seq)
+            flops = model.flops(args.text_len, 1, seq, args.text_len)  # every text token after the image
             for gpu, peak in PEAKS.items():
                 need = mfu * peak / flops
                 print(f"  stage {stage} on {gpu}: {mfu:.0%} x {peak / 1e12:.0f} TFLOP/s / {flops / 1e12:.2f} TFLOP "

@@ -66,7 +66,7 @@ def main() -> None:
     pixels = torch.randn(args.batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=device)
     labels = ids.clone().masked_fill(ids == IMAGE_TOKEN_INDEX, -100)
     seq = args.text_len + cfg.vision.tokens_per_image
-    flops = model.flops(args.batch * args.text_len, args.batch, seq)
+    flops = model.flops(args.batch * args.text_len, args.batch, seq, args.batch * (args.text_len - 1))
     peak = args.peak_tflops or peak_tflops(device)
 
     def step():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minillavamed.config import IMAGE_TOKEN_INDEX
+from minillavamed.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from minillavamed.data import collate
 from minillavamed.distributed import Dist
 
@@ -57,6 +57,7 @@ class MicroBatch:
     text_tokens: int = 0
     images: int = 0
     padding: int = 0
+    scored: int = 0  # positions the loss scores, each through the output layer
 
     def pin_memory(self) -> "MicroBatch":  # what DataLoader(pin_memory=True) calls on a custom type
         if self.batch is not None:
@@ -98,13 +99,17 @@ def make_loader(train_set, cfg, d: Dist, accum: int, position: dict, collate_fn:
         generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def count_tokens(batch: dict, patches: int) -> tuple[int, int, int]:
-    """(text tokens, images, padding positions) of a collated batch, counted after image splicing."""
+def count_tokens(batch: dict, patches: int) -> tuple[int, int, int, int]:
+    """(text tokens, images, padding positions, scored positions) of a collated batch, counted after image
+    splicing."""
     ids, mask = batch["input_ids"], batch.get("attention_mask")
     is_image = ids == IMAGE_TOKEN_INDEX
     real_text = (ids >= 0) if mask is None else (mask.bool() & ~is_image)
     per_row = real_text.sum(1) + is_image.sum(1) * patches
-    return int(real_text.sum()), int(is_image.sum()), int(per_row.max() * ids.shape[0] - per_row.sum())
+    return (int(real_text.sum()), int(is_image.sum()), int(per_row.max() * ids.shape[0] - per_row.sum()),
+            # A position is scored where its next label is not ignored (an image's label never is: splicing
+            # replaces it with ignored ones).
+            int(((batch["labels"][:, 1:] != IGNORE_INDEX) & ~is_image[:, 1:]).sum()))
 
 
 def to_device(batch: dict, device) -> dict:

@@ -130,9 +130,13 @@ class LlavaMed(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
                 cu_seqlens=None, max_seqlen=None):
-        """Logits (batch, seqlen after splicing, vocab) and, with `labels`, the mean next-token loss.
+        """Without `labels`: the logits (batch, seqlen after splicing, vocab) and None. With them: the logits of
+        the positions the loss scores, (scored, vocab) in order, and the mean next-token loss over those.
 
-        With `cu_seqlens` the single row holds several samples packed back to back (boundaries counted
+        Only the scored positions go through the output layer: in stage 1 a caption is a few dozen of a
+        row's positions (576 image positions at 7B), and the logits of the rest, in fp32 over the vocabulary,
+        would cost more memory than any other activation. The loss is the same mean as over every position
+        with the rest ignored, as LLaVA computes it. With `cu_seqlens` the single row holds several samples packed back to back (boundaries counted
         after splicing); positions restart at each boundary and attention never crosses one.
         """
         embeds, mask, positions, labels = self.splice(input_ids, pixel_values, attention_mask, labels)
@@ -144,16 +148,17 @@ class LlavaMed(nn.Module):
             positions = (torch.arange(embeds.shape[1], device=positions.device) - starts)[None]
         # Rows are right-padded, so under the causal mask no real token can see padding: no key mask needed.
         hidden = self.decoder(embeds, positions, None, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        logits = self.decoder.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=IGNORE_INDEX)
-        return logits, loss
+        if labels is None:
+            return self.decoder.lm_head(hidden), None
+        targets = labels[:, 1:]
+        scored = targets != IGNORE_INDEX
+        logits = self.decoder.lm_head(hidden[:, :-1][scored])
+        return logits, F.cross_entropy(logits.float(), targets[scored])
 
-    def flops(self, text_tokens: int, images: int, seq_len: int) -> int:
+    def flops(self, text_tokens: int, images: int, seq_len: int, scored: int) -> int:
         """Model FLOPs of one training forward and backward over `text_tokens` text positions and `images`
-        images, in rows of `seq_len` decoder positions (for MFU, as PaLM's appendix B counts them).
+        images, in rows of `seq_len` decoder positions, `scored` of them through the output layer (forward
+        with labels; batches.count_tokens counts them): for MFU, as PaLM's appendix B counts them.
 
         Forward: 2 per multiply-add of every matrix product; the vision blocks past the selected layer never
         run. Backward: the same again for a product's input gradient wherever something upstream of it
@@ -206,7 +211,7 @@ class LlavaMed(nn.Module):
             grad = grad or trains(block.mlp_norm)
             total += product(block.gate_up.weight, tokens) + product(block.down.weight, tokens)
         grad = grad or trains(dec.norm)
-        return total + product(dec.lm_head.weight, tokens)
+        return total + product(dec.lm_head.weight, scored)
 
     @torch.inference_mode()
     def prefill(self, input_ids, pixel_values=None, attention_mask=None, room: int = 0):

@@ -198,6 +198,26 @@ def test_labels_at_image_positions_are_ignored(pair):
     assert (spliced[1, 20:] == -100).all()  # padding
 
 
+def test_the_loss_is_transformers_loss_from_the_scored_positions_alone(pair):
+    ref, ours = pair
+    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask = pad(PROMPTS, pad_left=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100  # a prompt, which the loss ignores
+    hf_ids, hf_mask = expand_for_hf(PROMPTS, 16, pad_left=False)
+    _, _, _, spliced = ours.splice(ids, pixels, mask, labels)
+    with torch.no_grad():
+        logits, loss = ours(ids, pixels, mask, labels)
+        every, _ = ours(ids, pixels, mask)
+        positions = (hf_mask.cumsum(-1) - 1).clamp(min=0)
+        expected = ref(input_ids=hf_ids, pixel_values=pixels, attention_mask=hf_mask, position_ids=positions,
+                       labels=spliced).loss
+    scored = spliced[:, 1:] != -100
+    assert logits.shape == (int(scored.sum()), every.shape[-1]) and 0 < logits.shape[0] < every[:, 1:, 0].numel()
+    assert_close_scaled(logits, every[:, :-1][scored])
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_image_count_mismatch_is_an_error(pair):
     _, ours = pair
     ids, mask = pad(PROMPTS, pad_left=False)

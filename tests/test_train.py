@@ -356,9 +356,9 @@ def test_packed_rows_train_on_the_same_tokens_with_the_same_losses(world, base, 
     out = tmp_path / "out"
     assert train.main(args(world, 0, out, *SHORT, "--pack")) == 0
     assert len(counted) == 3 * 2
-    for (text, images, padding), (text_padded, images_padded, _) in counted:
-        assert (text, images, padding) == (text_padded, images_padded, 0)
-    assert sum(padded for _, (_, _, padded) in counted) > 0  # the padded batches do pad: packing saves that
+    for (text, images, padding, scored), (text_padded, images_padded, _, scored_padded) in counted:
+        assert (text, images, padding, scored) == (text_padded, images_padded, 0, scored_padded)
+    assert sum(padded for _, (_, _, padded, _) in counted) > 0  # the padded batches do pad: packing saves that
     assert all(r["pad_frac"] == 0 for r in rows(out)) and all(r["pad_frac"] > 0 for r in rows(base)[:3])
     # Each micro-batch's loss is the mean over the same label tokens either way, so the first loss is the same
     # up to the order of summation (the packed segments go through attention as padded rows without a mask,
@@ -464,7 +464,8 @@ def test_model_flops_are_what_the_flop_counter_counts(stage, images):
     with counter:
         _, loss = model(ids, pixels, labels=ids)
         loss.backward()
-    assert model.flops(text_tokens, images, seq) == counter.get_total_flops()
+    scored = text_tokens - rows  # every text label but each row's first
+    assert model.flops(text_tokens, images, seq, scored) == counter.get_total_flops()
 
 
 @pytest.mark.slow
