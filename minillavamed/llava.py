@@ -136,7 +136,10 @@ class LlavaMed(nn.Module):
         Only the scored positions go through the output layer: in stage 1 a caption is a few dozen of a
         row's positions (576 image positions at 7B), and the logits of the rest, in fp32 over the vocabulary,
         would cost more memory than any other activation. The loss is the same mean as over every position
-        with the rest ignored, as LLaVA computes it. With `cu_seqlens` the single row holds several samples packed back to back (boundaries counted
+        with the rest ignored, as LLaVA computes it. Selecting them waits once for the device (the count of
+        scored positions sets the output layer's shape).
+
+        With `cu_seqlens` the single row holds several samples packed back to back (boundaries counted
         after splicing); positions restart at each boundary and attention never crosses one.
         """
         embeds, mask, positions, labels = self.splice(input_ids, pixel_values, attention_mask, labels)
