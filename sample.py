@@ -82,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: bfloat16 on GPUs and for --quantize, float32 otherwise")
     p.add_argument("--quantize", choices=QUANTIZE, default=None,
                    help="weight-only quantisation on the CPU as the model loads (int4: groups of 128 inputs)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode steps (CPU): about 1.4x more tokens/s from small models after tens of "
+                        "seconds of compiling, nothing for a 7B (LlavaMed.compile_decoding)")
     args = p.parse_args(argv)
     modes = sum([args.prompt is not None, args.chat, args.questions is not None, args.serve])
     if modes != 1:
@@ -94,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--questions needs --answers OUT.jsonl")
     if args.quantize is not None and not args.device.startswith("cpu"):
         p.error(f"--quantize runs on torch's CPU kernels; drop it or pass --device cpu (not {args.device})")
+    if args.compile and not args.device.startswith("cpu"):
+        p.error(f"--compile is built and measured for CPU decoding; drop it or pass --device cpu (not {args.device})")
     return args
 
 
@@ -104,8 +109,11 @@ def load_assistant(args) -> Assistant:
                 "python train.py --stage 2" if args.model is None else "pass a checkpoint directory")
         raise SystemExit(f"no model at {path}: {hint}")
     dtype = DTYPES[args.dtype or default_dtype(args.device, args.quantize)]
-    return Assistant.load(path, vision_tower=args.vision_tower, conv=args.conv, device=args.device, dtype=dtype,
-                          quantize=args.quantize)
+    assistant = Assistant.load(path, vision_tower=args.vision_tower, conv=args.conv, device=args.device,
+                               dtype=dtype, quantize=args.quantize)
+    if args.compile:
+        assistant.model.compile_decoding()
+    return assistant
 
 
 class Streamer:

@@ -7,6 +7,7 @@ over transformers: the median of the repeats' ratios, the two sides of each repe
 
     python bench/sample_speed.py                      # tiny preset, batch 1 and 8, 128 new tokens
     python bench/sample_speed.py --preset tiny --batch 1 --new_tokens 256 --repeats 5
+    python bench/sample_speed.py --compile            # ours with compiled decode steps (LlavaMed.compile_decoding)
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--compile", action="store_true", help="compile our decode steps (timed separately)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -83,10 +85,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         export_llava_hf(ours, d)
         theirs = LlavaForConditionalGeneration.from_pretrained(d).eval()
+    if args.compile:
+        ours.compile_decoding()
     image_id, patches = cfg.decoder.vocab_size, cfg.vision.num_patches
     print(f"preset {args.preset}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params, "
           f"{patches} image tokens + {args.prompt_tokens} text tokens, {args.new_tokens} new tokens, "
-          f"{args.threads} threads, median of {args.repeats} interleaved repeats")
+          f"{args.threads} threads, median of {args.repeats} interleaved repeats"
+          + (", our decode steps compiled" if args.compile else ""))
     print(f"{'batch':>5} | {'TTFT ms ours':>12} {'transformers':>12} {'ratio':>6} | "
           f"{'decode tok/s ours':>17} {'transformers':>12} {'ratio':>6}")
     for batch in args.batch:
@@ -95,8 +100,11 @@ def main() -> None:
         hf_ids = torch.cat([text[:, :4], torch.full((batch, patches), image_id), text[:, 4:]], dim=1)
         pixels = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size)
         runners = {"ours": (run_ours, ours, ids), "hf": (run_hf, theirs, hf_ids)}
-        for fn, model, x in runners.values():
-            fn(model, x, pixels, 4)  # warm-up
+        for name, (fn, model, x) in runners.items():
+            start = time.perf_counter()
+            fn(model, x, pixels, 4)  # warm-up, and ours compiles its decode steps for this batch size
+            if args.compile and name == "ours":
+                print(f"batch {batch}: the warm-up's 4 tokens, compiling included, took {time.perf_counter() - start:.1f} s")
         runs = {name: [] for name in runners}
         for r in range(args.repeats):
             # Interleaved, in alternating order: this host's speed drifts by tens of percent over seconds, and

@@ -27,23 +27,22 @@ import torch.nn.functional as F
 DENSE_ROWS = 16
 
 
-@functools.cache
-def dense_dtype() -> torch.dtype:
-    """The dtype bf16 activations' CPU GEMMs run fastest in: bf16 where oneDNN has a bf16 GEMM (AVX512), else
-    fp32."""
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-
-
-@functools.cache
-def bf16_matrix_vector() -> bool:
-    """Whether a one-row bf16 product runs faster through torch.mv than through F.linear: on CPUs with AMX,
-    where oneDNN's one-row GEMM streams the weights 1.3x slower than torch.mv does; without AMX (an AVX512-BF16
+def _has_amx() -> bool:
+    """Whether this CPU has AMX, where a one-row bf16 product runs faster through torch.mv than through F.linear:
+    there oneDNN's one-row GEMM streams the weights 1.3x slower than torch.mv does; without AMX (an AVX512-BF16
     AMD EPYC) torch.mv is 1.75x slower (bench/RESULTS.md, issue 17). Linux names AMX in /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo") as f:
             return " amx_bf16" in f.read()
     except OSError:
         return False
+
+
+# What this CPU runs fastest, decided once at import: a compiled decode step (LlavaMed.compile_decoding) then
+# reads them as constants, where a call to a cached function would break its graph.
+# The dtype bf16 activations' GEMMs run fastest in: bf16 where oneDNN has a bf16 GEMM (AVX512), else fp32.
+DENSE_DTYPE = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+BF16_MATRIX_VECTOR = _has_amx()
 
 
 # One-row bf16 products go through the compiled kernel with at least this many weights (below it a compiled
@@ -96,11 +95,15 @@ def streams(x: torch.Tensor, w: torch.Tensor) -> bool:
     STREAM_MIN_WEIGHTS contiguous weights, in rows that cut into equal chunks (`row_chunks`)."""
     return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
             and w.numel() >= STREAM_MIN_WEIGHTS and row_chunks(w.shape[1]) is not None and w.is_contiguous()
-            and not torch.is_grad_enabled() and stream_kernel(w.shape[1]) is not None)
+            and not torch.is_grad_enabled()
+            and (torch.compiler.is_compiling() or stream_kernel(w.shape[1]) is not None))
 
 
+# A compiled decode step (LlavaMed.compile_decoding) leaves its graph to call the kernel: with the loop compiled
+# into the step's own graph, a bf16 step at a 7B's width took 1.4x as long (bench/RESULTS.md, issue 17).
+@torch.compiler.disable
 def stream(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """One row x (in,) or (1, in) times w (out, in) -> (1, out), through the compiled kernel."""
+    """One row x (in,) or (1, in) times w (out, in) -> (out,), through the compiled kernel."""
     # detach: one compiled graph for trainable and frozen weights alike (their requires_grad is guarded on).
     return stream_kernel(w.shape[1])(x.reshape(1, -1), w.detach())
 
@@ -110,7 +113,7 @@ def _decode_row(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     Both sum in fp32 and round once, as F.linear does."""
     if streams(x, w):
         return stream(x, w)
-    if x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and bf16_matrix_vector():
+    if x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and BF16_MATRIX_VECTOR:
         return torch.mv(w, x.reshape(-1))
     return None
 
@@ -127,6 +130,6 @@ def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     if y is not None:
         return (y if b is None else y + b).view(*x.shape[:-1], w.shape[0])
     if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.numel() > DENSE_ROWS * x.shape[-1] and dense_dtype() is torch.float32):
+            and x.numel() > DENSE_ROWS * x.shape[-1] and DENSE_DTYPE is torch.float32):
         return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
     return F.linear(x, w, b)

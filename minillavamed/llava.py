@@ -11,7 +11,7 @@ run of <im_patch> tokens with the patch features.
 
 `generate()` is the one sampling routine of the project (sample.py and evaluation both use it): a batched,
 left-padded prefill (`prefill()`, which the server's continuous batching also starts from) followed by one
-cached step per new token. `splice` is the one place prompt rows are padded; `StopStrings` is the one rule
+cached step per new token (`decode_step()`, the server's too; `compile_decoding()` compiles it). `splice` is the one place prompt rows are padded; `StopStrings` is the one rule
 for where a reply ends, what it keeps and what of it may be streamed early.
 """
 
@@ -281,10 +281,25 @@ class LlavaMed(nn.Module):
             if not any(active) or step == max_new_tokens - 1:
                 break
             positions = positions[:, -1:] + 1
-            keys = None if mask is None else mask[:, :cache.length + 1]
-            hidden = self.decoder(self.decoder.embed(tokens[:, None]), positions, keys, cache)
-            logits = linear(hidden[:, -1], self.decoder.lm_head).float()
+            logits = self.decode_step(tokens, positions, None if mask is None else mask[:, :cache.length + 1], cache)
         return out
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                    cache: KVCache) -> torch.Tensor:
+        """One new token per row, (batch,) at `positions` (batch, 1), through the cached decoder -> the next
+        token's logits (batch, vocab) in fp32. `key_padding_mask` (batch, cached + 1) marks real tokens."""
+        hidden = self.decoder(self.decoder.embed(tokens[:, None]), positions, key_padding_mask, cache)
+        return linear(hidden[:, -1], self.decoder.lm_head).float()
+
+    def compile_decoding(self) -> "LlavaMed":
+        """Decode steps through torch.compile from now on (generate's and the server's), for small models on a
+        CPU: a tiny decode step is mostly the cost of calling each of its operators, which the compiled step
+        fuses away (bench/sample_speed.py --compile). A 7B's step is bound by streaming its weights and gains
+        nothing. The first steps compile (7-18 s for the tiny preset on 2 cores), and again, once each, for the
+        first batch of several rows, padded rows and a longer cache; the prefill stays eager. Returns the model."""
+        # Dynamic shapes: a cache that grows every step and batches of any size share a few graphs, not one each.
+        self.decode_step = torch.compile(self.decode_step, dynamic=True)
+        return self
 
 
 class StopStrings:

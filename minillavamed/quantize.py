@@ -31,8 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Above DENSE_ROWS rows the dequantised dense product (in dense_dtype) beats the weight-only kernels.
-from minillavamed.gemm import DENSE_ROWS, dense_dtype
+# Above DENSE_ROWS rows the dequantised dense product (in gemm.DENSE_DTYPE) beats the weight-only kernels.
+from minillavamed import gemm
+from minillavamed.gemm import DENSE_ROWS
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -230,7 +231,7 @@ class QuantizedLinear(nn.Module):
             # fp32 activations stay fp32; bf16 ones multiply in fp32 where the CPU has no bf16 GEMM. The weight
             # is dequantised rows_per_pass output rows at a time, so that a prefill holds one slice of it in
             # float (a 7B MLP layer's whole bf16 weight is 0.23 GB, more than int4 layers hold).
-            dense = torch.float32 if dense_dtype() is torch.float32 else x.dtype
+            dense = torch.float32 if gemm.DENSE_DTYPE is torch.float32 else x.dtype
             xd = x.to(dense)
             y = x.new_empty(x.shape[0], self.out_features)
             step = rows_per_pass(self.in_features)

@@ -42,7 +42,6 @@ from minillavamed.config import IMAGE_TOKEN_INDEX
 from minillavamed.conversation import IMAGE
 from minillavamed.data import to_rgb
 from minillavamed.decoder import KVCache
-from minillavamed.gemm import linear
 from minillavamed.inference import Assistant
 from minillavamed.llava import StopStrings, sample_next
 
@@ -358,8 +357,7 @@ class Scheduler(threading.Thread):
         positions = self.mask.sum(-1, keepdim=True)  # rotary positions count real tokens only
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         keys = None if bool(self.mask.all()) else self.mask
-        hidden = self.model.decoder(self.model.decoder.embed(tokens[:, None]), positions, keys, self.cache)
-        self.logits = linear(hidden[:, -1], self.model.decoder.lm_head).float()
+        self.logits = self.model.decode_step(tokens, positions, keys, self.cache)
 
     def advance(self, job: Job, token: int) -> bool:
         """Take a row's new token; stream what is safe to show; True when the row is done (or abandoned)."""

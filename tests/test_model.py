@@ -11,6 +11,7 @@ and fp32 (2e-3 for fp16, 2-3e-2 for bf16, on these models).
 from __future__ import annotations
 
 import contextlib
+import copy
 import subprocess
 import sys
 
@@ -241,6 +242,61 @@ def test_greedy_generation_matches_transformers(pair, prec):
     assert out == expected.tolist()
 
 
+def compiled_frames() -> int:
+    return torch._dynamo.utils.counters["frames"]["ok"]
+
+
+@pytest.mark.slow
+def test_compiled_decoding_generates_what_transformers_generates(pair):
+    # fp32 decode steps through torch.compile: a padded batch (a key mask every step) and a cache that grows.
+    ref, ours = pair
+    ours = copy.deepcopy(ours).compile_decoding()
+    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask = pad(PROMPTS, pad_left=True)
+    hf_ids, hf_mask = expand_for_hf(PROMPTS, 16, pad_left=True)
+    with torch.no_grad():
+        expected = ref.generate(input_ids=hf_ids, pixel_values=pixels, attention_mask=hf_mask, max_new_tokens=24,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)[:, hf_ids.shape[1]:]
+    frames = compiled_frames()
+    assert ours.generate(ids, pixels, mask, max_new_tokens=24, eos_id=-1) == expected.tolist()
+    assert compiled_frames() > frames
+
+
+def forced_logits(model, ids, pixels, tokens):
+    """Each step's next-token logits (steps, vocab) with `tokens` fed in turn, as generate feeds its own."""
+    with torch.inference_mode():
+        logits, cache, _, positions = model.prefill(ids, pixels, room=len(tokens))
+        steps = [logits]
+        for i, t in enumerate(tokens[:-1]):
+            steps.append(model.decode_step(torch.tensor([t]), positions + i + 1, None, cache))
+    return torch.cat(steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["bfloat16", "int8", "int4"])
+def test_compiled_decode_steps_keep_eager_logits(mode):
+    # The bf16 and quantised models decode on bf16 activations. Compiling fuses operators, and a fused chain
+    # rounds to bf16 once instead of after each operator: its logits are a few bf16 units from eager's, and as
+    # close to the fp32 model's as eager's are.
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    cfg.decoder.layers = 2
+    exact = LlavaMed(cfg).eval()
+    model = copy.deepcopy(exact).to(torch.bfloat16)
+    if mode != "bfloat16":
+        model.quantize(mode if mode == "int8" else "int4-32")
+    ids = torch.tensor([[1, IMG, 5, 6, 7]])
+    pixels = torch.randn(1, 3, 64, 64)
+    tokens = model.generate(ids, pixels.bfloat16(), max_new_tokens=16, eos_id=-1)[0]
+    eager = forced_logits(model, ids, pixels.bfloat16(), tokens)
+    frames = compiled_frames()
+    compiled = forced_logits(model.compile_decoding(), ids, pixels.bfloat16(), tokens)
+    assert compiled_frames() > frames
+    assert_close_scaled(compiled, eager, rel=4 * 2.0 ** -8)
+    fp32 = forced_logits(exact, ids, pixels, tokens)
+    assert (compiled - fp32).pow(2).mean() < 1.2 * (eager - fp32).pow(2).mean()
+
+
 @pytest.mark.slow
 def test_cached_decoding_equals_full_recomputation(pair):
     _, ours = pair
@@ -406,8 +462,8 @@ def test_a_bf16_prefill_multiplies_in_the_cpus_fast_dtype(monkeypatch, dense, mv
 
     from minillavamed import gemm
 
-    monkeypatch.setattr(gemm, "dense_dtype", lambda: dense)
-    monkeypatch.setattr(gemm, "bf16_matrix_vector", lambda: mv)
+    monkeypatch.setattr(gemm, "DENSE_DTYPE", dense)
+    monkeypatch.setattr(gemm, "BF16_MATRIX_VECTOR", mv)
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32).bfloat16()
     x = torch.randn(2, gemm.DENSE_ROWS, 64).bfloat16()
@@ -516,6 +572,29 @@ def test_a_bf16_models_decode_steps_stream_and_match_f_linear(monkeypatch):
     assert got == want
 
 
+@pytest.mark.slow
+def test_a_compiled_decode_step_streams_through_the_kernel(monkeypatch):
+    # A 7B's one-row products leave the compiled step for the kernel (compiled into the step, the loop is slower).
+    from minillavamed import gemm
+
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    cfg.decoder.layers = 2
+    model = LlavaMed(cfg).to(torch.bfloat16).eval()
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, 6, 7]])
+    px = torch.randn(1, 3, 64, 64).bfloat16()
+    monkeypatch.setattr(gemm, "STREAM_MIN_WEIGHTS", 0)
+    tokens = model.generate(ids, px, max_new_tokens=6, eos_id=-1)[0]
+    eager = forced_logits(model, ids, px, tokens)
+    rows, stream = [], gemm.stream
+    monkeypatch.setattr(gemm, "stream", torch.compiler.disable(lambda x, w: rows.append(1) or stream(x, w)))
+    compiled = forced_logits(model.compile_decoding(), ids, px, tokens)
+    per_step = 4 * cfg.decoder.layers + 1  # wqkv, wo, gate_up, down in each layer, then lm_head
+    # The prefill's last position (its last block's wo, gate_up and down, then lm_head), then 5 decode steps.
+    assert rows == [1] * (4 + 5 * per_step)
+    assert_close_scaled(compiled, eager, rel=4 * 2.0 ** -8)
+
+
 def test_every_prefill_product_of_a_bf16_model_takes_the_fast_dtype(monkeypatch):
     # The ViT and the projector as well as the decoder: an image question's 576 patches go through all three.
     import torch.nn.functional as F
@@ -528,7 +607,7 @@ def test_every_prefill_product_of_a_bf16_model_takes_the_fast_dtype(monkeypatch)
         calls.append((x.shape[:-1].numel(), x.dtype, w.dtype))
         return F.linear(x, w, b)
 
-    monkeypatch.setattr(gemm, "dense_dtype", lambda: torch.float32)
+    monkeypatch.setattr(gemm, "DENSE_DTYPE", torch.float32)
     monkeypatch.setattr(gemm, "F", type("F", (), {"linear": staticmethod(spy)}))
     torch.manual_seed(0)
     model = LlavaMed(preset("tiny")).to(torch.bfloat16).eval()

@@ -31,11 +31,12 @@ def checkpoint(tmp_path_factory):
     return root, model, tok
 
 
-def test_sample_py_greedy_equals_transformers_generate(checkpoint, capsys):
+@pytest.mark.parametrize("flags", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_sample_py_greedy_equals_transformers_generate(checkpoint, capsys, flags):
     root, model, tok = checkpoint
     question = "is there an opacity?"
     assert sample.main(["--model", str(root / "model"), "--image", str(root / "img0.png"), "--prompt", question,
-                        "--max_new_tokens", "24"]) == 0
+                        "--max_new_tokens", "24", *flags]) == 0
     printed = capsys.readouterr().out.strip()
 
     template = get_template("mistral_instruct")  # what a Mistral-based llava-hf checkpoint is chatted with
@@ -53,6 +54,13 @@ def test_sample_py_greedy_equals_transformers_generate(checkpoint, capsys):
     for stop in template.stop_strings:
         expected = expected.split(stop)[0]
     assert len(out) > 3 and printed == expected.strip()
+
+
+def test_compile_is_refused_off_the_cpu(monkeypatch, capsys):
+    monkeypatch.setattr(sample, "device_arg", str)  # as if this machine had a GPU
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--prompt", "hi", "--compile", "--device", "cuda"])
+    assert "--compile is built and measured for CPU decoding" in capsys.readouterr().err
 
 
 @pytest.mark.slow
