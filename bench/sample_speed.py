@@ -104,7 +104,8 @@ def main() -> None:
             start = time.perf_counter()
             fn(model, x, pixels, 4)  # warm-up, and ours compiles its decode steps for this batch size
             if args.compile and name == "ours":
-                print(f"batch {batch}: the warm-up's 4 tokens, compiling included, took {time.perf_counter() - start:.1f} s")
+                seconds = time.perf_counter() - start
+                print(f"batch {batch}: the warm-up's 4 tokens, compiling included, took {seconds:.1f} s")
         runs = {name: [] for name in runners}
         for r in range(args.repeats):
             # Interleaved, in alternating order: this host's speed drifts by tens of percent over seconds, and

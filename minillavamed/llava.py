@@ -11,8 +11,9 @@ run of <im_patch> tokens with the patch features.
 
 `generate()` is the one sampling routine of the project (sample.py and evaluation both use it): a batched,
 left-padded prefill (`prefill()`, which the server's continuous batching also starts from) followed by one
-cached step per new token (`decode_step()`, the server's too; `compile_decoding()` compiles it). `splice` is the one place prompt rows are padded; `StopStrings` is the one rule
-for where a reply ends, what it keeps and what of it may be streamed early.
+cached step per new token (`decode_step()`, the server's too; `compile_decoding()` compiles it). `splice` is
+the one place prompt rows are padded; `StopStrings` is the one rule for where a reply ends, what it keeps and
+what of it may be streamed early.
 """
 
 from __future__ import annotations
