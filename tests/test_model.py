@@ -588,7 +588,9 @@ def test_a_compiled_decode_step_streams_through_the_kernel(monkeypatch):
     eager = forced_logits(model, ids, px, tokens)
     rows, stream = [], gemm.stream
     monkeypatch.setattr(gemm, "stream", torch.compiler.disable(lambda x, w: rows.append(1) or stream(x, w)))
+    frames = compiled_frames()
     compiled = forced_logits(model.compile_decoding(), ids, px, tokens)
+    assert compiled_frames() > frames
     per_step = 4 * cfg.decoder.layers + 1  # wqkv, wo, gate_up, down in each layer, then lm_head
     # The prefill's last position (its last block's wo, gate_up and down, then lm_head), then 5 decode steps.
     assert rows == [1] * (4 + 5 * per_step)
