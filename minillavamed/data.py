@@ -290,7 +290,8 @@ class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA-Med records (alignment, instruct or VQA) → dict(input_ids, labels, pixel_values).
 
     `num_image_tokens` is how many decoder positions the model gives one image (its VisionConfig's
-    tokens_per_image: 256 for CLIP-L/14 at 224, 576 at 336); truncation to `max_len` counts them. `dropped` counts the samples left out and why.
+    tokens_per_image: 256 for CLIP-L/14 at 224, 576 at 336); truncation to `max_len` counts them. `dropped`
+    counts the samples left out and why.
     `im_start_end` is the model config's mm_use_im_start_end (LLaVA-Med v1's image layout, conversation.py).
     With `skip_bad_images`, an unreadable image makes the item None (collate drops it and counts it in
     the batch's "skipped"); otherwise the error names the file.

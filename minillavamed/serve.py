@@ -8,9 +8,10 @@ and hands it to the `Scheduler`, the one thread that touches the model. The sche
 job in one batch (continuous batching): each step it prefills the jobs that arrived (together, with
 `LlavaMed.prefill`, as `LlavaMed.generate` begins), merges their KV-cache rows into the running batch,
 samples one token per row with `sample_next`, drops the rows that finished (or whose client went away) and
-runs one cached decode step for the rest. Rows are kept right-aligned in one KVCache, so that every row's next token lands in the same
-column; left padding is masked, and rotary positions count each row's real tokens only, so a row decodes as
-it would alone: at temperature 0 each answer is the one `Assistant.answer` gives for it by itself.
+runs one cached decode step for the rest. Rows are kept right-aligned in one KVCache, so that every row's
+next token lands in the same column; left padding is masked, and rotary positions count each row's real
+tokens only, so a row decodes as it would alone: at temperature 0 each answer is the one `Assistant.answer`
+gives for it by itself.
 
 At most `max_batch` jobs decode together and as many again wait; past that the server answers 503.
 Errors carry OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
