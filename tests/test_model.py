@@ -306,7 +306,7 @@ def test_a_compiled_decode_step_streams_through_the_kernel(monkeypatch):
     cfg = preset("tiny")
     cfg.decoder.layers = 2
     model = LlavaMed(cfg).to(torch.bfloat16).eval()
-    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, 6, 7]])
+    ids = torch.tensor([[1, IMG, 5, 6, 7]])
     px = torch.randn(1, 3, 64, 64).bfloat16()
     monkeypatch.setattr(gemm, "STREAM_MIN_WEIGHTS", 0)
     tokens = model.generate(ids, px, max_new_tokens=6, eos_id=-1)[0]
