@@ -42,8 +42,7 @@ TINY_STAGES = {
 # The tiny stages pack each micro-batch into one row: the same samples and losses as padded rows, and a
 # stage-2 step a third shorter on a CPU (bench/RESULTS.md). The paper's stages pad, as LLaVA-Med does.
 for _stage in TINY_STAGES.values():
-    _stage.update(max_len=256, pack=True)
-    _stage.setdefault("micro_batch", 16)
+    _stage.update(max_len=256, micro_batch=_stage.get("micro_batch", 16), pack=True)
 for _stage in STAGES.values():
     _stage.update(max_len=2048, micro_batch=16, pack=False)
 
