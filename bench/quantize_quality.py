@@ -65,7 +65,9 @@ def main(argv=None) -> int:
                 out, loss = model(ids, px.to(dtype), labels=labels)
                 k = int((labels[:, 1:] != IGNORE_INDEX).sum())
                 nll, n = nll + float(loss) * k, n + k
-                logits.append(out[0, -k - 1:-1].float())
+                # With labels the model returns the scored positions' logits alone, (k, vocab) in order.
+                assert out.shape[0] == k, f"{out.shape[0]} rows of logits for {k} caption tokens"
+                logits.append(out.float())
             answers = answer_questions(assistant, questions, images, batch_size=8, max_new_tokens=32)
         scores = score_vqa(gt, {str(q["question_id"]): a for q, a in zip(questions, answers)})["scores"]
         logits = torch.cat(logits)
