@@ -1,8 +1,8 @@
 """Quality of weight-only int8 / int4 (minillavamed/quantize.py) on a trained tiny model, against fp32.
 
 For each of fp32 (the reference), bf16, int8 and int4 (both on bf16 activations, as sample.py --quantize
-runs them): logits error and greedy agreement on held-out VQA questions (teacher-forced logits of question +
-answer; answers equal to fp32's), perplexity of the world's figure captions given their images, and closed
+runs them): the logits error and top-1 agreement against fp32 on the world's figure captions (teacher-forced,
+given their images) and their perplexity; greedy answers equal to fp32's on held-out VQA questions; and closed
 accuracy / open recall on the synthetic VQA test set.
 
     python bench/quantize_quality.py --model out/tiny/stage2 --questions 200 --captions 200
@@ -38,6 +38,21 @@ def caption_batch(assistant, records, root):
         yield ids, labels, proc(load_image(root / r["image"]))[None]
 
 
+def caption_logits(model, batches, dtype) -> tuple[torch.Tensor, float, int]:
+    """Teacher-forced logits of every caption token given its image, (tokens, vocab) in caption order, with the
+    summed negative log-likelihood and the token count."""
+    logits, nll, n = [], 0.0, 0
+    with torch.inference_mode():
+        for ids, labels, px in batches:
+            out, loss = model(ids, px.to(dtype), labels=labels)
+            k = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            # With labels the model returns the scored positions' logits alone, (k, vocab) in order.
+            assert out.shape[0] == k, f"{out.shape[0]} rows of logits for {k} caption tokens"
+            logits.append(out.float())
+            nll, n = nll + float(loss) * k, n + k
+    return torch.cat(logits), nll, n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=Path("out/tiny/stage2"))
@@ -58,19 +73,10 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         assistant = Assistant.load(args.model, dtype=dtype, quantize=quantize)
         model = assistant.model
+        logits, nll, n = caption_logits(model, caption_batch(assistant, captions, images), dtype)
         with torch.inference_mode():
-            nll = n = 0
-            logits = []
-            for ids, labels, px in caption_batch(assistant, captions, images):
-                out, loss = model(ids, px.to(dtype), labels=labels)
-                k = int((labels[:, 1:] != IGNORE_INDEX).sum())
-                nll, n = nll + float(loss) * k, n + k
-                # With labels the model returns the scored positions' logits alone, (k, vocab) in order.
-                assert out.shape[0] == k, f"{out.shape[0]} rows of logits for {k} caption tokens"
-                logits.append(out.float())
             answers = answer_questions(assistant, questions, images, batch_size=8, max_new_tokens=32)
         scores = score_vqa(gt, {str(q["question_id"]): a for q, a in zip(questions, answers)})["scores"]
-        logits = torch.cat(logits)
         if mode == "fp32":
             ref = {"logits": logits, "answers": answers}
         err = ((logits - ref["logits"]).norm() / ref["logits"].norm()).item()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import sample
 from minillavamed import LlavaMed
 from minillavamed.checkpoint import CheckpointError, export_llava_hf
-from minillavamed.config import IMAGE_TOKEN_INDEX, preset
+from minillavamed.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, preset
 from minillavamed.quantize import (DENSE_ROWS, QuantConfig, QuantizedLinear, quantize_int4, quantize_int8,
                                    pack_nibbles, unpack_int4, unpack_nibbles)
 
@@ -357,3 +357,29 @@ def test_a_fresh_projector_quantised_on_load_is_the_default_init_quantised(tmp_p
         loaded, after = (m.state_dict() for m in models)
         assert loaded.keys() == after.keys()
         assert all(torch.equal(loaded[k], after[k]) for k in loaded), mode
+
+
+def test_quality_bench_compares_every_caption_token():
+    """bench/quantize_quality.py's caption logits are the full forward's at each caption token, in order. With
+    labels the model returns the scored positions alone; the bench once sliced one position's vocabulary there
+    and reported a logits error and top-1 agreement of nothing."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import quantize_quality
+
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    model = LlavaMed(cfg).eval()
+    batches = []
+    for length in (5, 9):
+        caption = torch.randint(3, cfg.decoder.vocab_size, (1, length))
+        ids = torch.cat([torch.tensor([[1, IMAGE_TOKEN_INDEX]]), caption], dim=1)
+        labels = torch.cat([torch.full((1, 2), IGNORE_INDEX), caption], dim=1)
+        batches.append((ids, labels, torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)))
+    logits, nll, n = quantize_quality.caption_logits(model, batches, torch.float32)
+    with torch.inference_mode():
+        # The position before each caption token predicts it.
+        full = torch.cat([model(ids, px)[0][0, -(ids.shape[1] - 2) - 1:-1] for ids, _, px in batches])
+        targets = torch.cat([ids[0, 2:] for ids, _, _ in batches])
+    assert n == 14 and logits.shape == (14, cfg.decoder.vocab_size)
+    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+    assert nll == pytest.approx(F.cross_entropy(full, targets, reduction="sum").item(), rel=1e-5)
