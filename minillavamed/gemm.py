@@ -12,12 +12,20 @@ loop that widens each weight to fp32, multiplies and sums (compiled by torch.com
 them at about 30-40 GB/s where the activation row stays in the L1 cache (bench/RESULTS.md, issue 17); a longer
 row is summed in chunks that do. The other one-row products go through torch.mv where the CPU has AMX, F.linear
 elsewhere.
+
+A small model in fp32 (the tiny preset's decode and prefill) is bound by products too small for MKL's GEMM,
+which F.linear calls: on an AVX512 AMD EPYC oneDNN's product with the weight reordered once into its blocked
+layout runs them 1.3-3.5x faster, from 8 to 448 rows (bench/RESULTS.md, issue 17). Such weights are reordered
+on first use and again after any change to them; the reordered copies double those weights' memory, so only
+weights below STREAM_MIN_WEIGHTS take this path.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -108,6 +116,62 @@ def stream(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return stream_kernel(w.shape[1])(x.reshape(1, -1), w.detach())
 
 
+# oneDNN's fp32 product runs from a weight reordered into its blocked layout (an opaque "mkldnn" tensor).
+PACKED_FP32 = torch.backends.mkldnn.is_available()
+
+
+@dataclass
+class _Packed:
+    ref: weakref.ref  # the weight, whose id keys this entry: a new tensor at a freed one's id is not it
+    version: int  # the weight's version counter when reordered: in-place changes (an optimizer step) bump it
+    data_ptr: int  # `weight.data = other` swaps the storage without bumping the counter
+    packed: torch.Tensor
+
+
+_PACKED: dict[int, _Packed] = {}
+
+
+def _reorder(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach())
+
+
+def packed_weight(w: torch.Tensor) -> torch.Tensor | None:
+    """`w` in oneDNN's layout: reordered on first use and whenever it changed since; the copy is dropped with `w`.
+    None for a weight made under inference mode, which counts none of its changes."""
+    if w.is_inference():
+        return None
+    key, entry = id(w), _PACKED.get(id(w))
+    if entry is None or entry.ref() is not w or entry.version != w._version or entry.data_ptr != w.data_ptr():
+        entry = _Packed(weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)), w._version, w.data_ptr(),
+                        _reorder(w))
+        _PACKED[key] = entry
+    return entry.packed
+
+
+def _packed_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    packed = packed_weight(w)
+    return F.linear(x, w, b) if packed is None else torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+
+# A compiled step cannot hold oneDNN's opaque layout, so it calls the product as an operator of its own and the
+# weight is looked up, and reordered if it changed, when the step runs.
+@torch.library.custom_op("minillavamed::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return _packed_product(x, w, b)
+
+
+@packed_linear.register_fake
+def _(x, w, b):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def packs(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x times w runs through oneDNN with `w` reordered (`packed_weight`): fp32 on the CPU outside
+    autocast, without autograd, a weight below STREAM_MIN_WEIGHTS."""
+    return (PACKED_FP32 and x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
+            and w.numel() < STREAM_MIN_WEIGHTS and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
+
+
 def _decode_row(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """One row (a decode step) times w through a faster kernel than F.linear where this CPU has one, else None.
     Both sum in fp32 and round once, as F.linear does."""
@@ -126,6 +190,10 @@ def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     if type(module) is not nn.Linear:
         return module(x)
     w, b = module.weight, module.bias
+    if packs(x, w):
+        rows = x.reshape(-1, x.shape[-1])
+        y = packed_linear(rows, w, b) if torch.compiler.is_compiling() else _packed_product(rows, w, b)
+        return y.view(*x.shape[:-1], w.shape[0])
     y = _decode_row(x, w) if x.numel() == x.shape[-1] else None
     if y is not None:
         return (y if b is None else y + b).view(*x.shape[:-1], w.shape[0])

@@ -136,3 +136,76 @@ def test_every_prefill_product_of_a_bf16_model_takes_the_fast_dtype(monkeypatch)
     assert len(calls) >= 4 * vit_layers + 2 + 4 * model.cfg.decoder.layers
     prefill = [c for c in calls if c[0] > gemm.DENSE_ROWS]
     assert prefill and all(c[1:] == (torch.float32, torch.float32) for c in prefill), prefill
+
+
+@pytest.mark.parametrize("rows", [1, 8, 448])  # a decode step at batch 1 and 8; the tiny preset's batch-8 prefill
+def test_a_small_fp32_product_runs_through_onednn_with_its_weight_reordered_once(monkeypatch, rows):
+    # Without autograd, a small fp32 weight is reordered into oneDNN's layout on first use and reused after that:
+    # the product is F.linear's to fp32 rounding (the same sums in another order).
+    if not gemm.PACKED_FP32:
+        pytest.skip("this torch has no oneDNN")
+    reorders, reorder = [], gemm._reorder
+    monkeypatch.setattr(gemm, "_reorder", lambda w: reorders.append(w.shape) or reorder(w))
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 688)
+    x = torch.randn(rows, 1, 256)
+    with torch.no_grad():
+        assert gemm.packs(x, lin.weight)
+        for _ in range(3):
+            torch.testing.assert_close(gemm.linear(x, lin), F.linear(x, lin.weight, lin.bias))
+        assert reorders == [(688, 256)]
+        lin.weight.mul_(-1)  # changed in place (as by an optimizer step or load_state_dict): reordered again
+        torch.testing.assert_close(gemm.linear(x, lin), F.linear(x, lin.weight, lin.bias))
+        lin.weight.data = torch.randn(688, 256) / 16  # its storage swapped, the version counter untouched
+        torch.testing.assert_close(gemm.linear(x, lin), F.linear(x, lin.weight, lin.bias))
+        assert len(reorders) == 3
+    # Not where the product is trained through or computed in bf16 under autocast, nor for a large model's
+    # weights (the copy doubles them). A weight made under inference mode counts none of its changes: F.linear.
+    assert not gemm.packs(x, lin.weight)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not gemm.packs(x, lin.weight)
+        assert not gemm.packs(x.bfloat16(), lin.weight.bfloat16())
+        assert not gemm.packs(x[..., :1], torch.empty(gemm.STREAM_MIN_WEIGHTS, 1))
+        with torch.inference_mode():
+            made = torch.nn.Linear(256, 8)
+        assert gemm.packed_weight(made.weight) is None
+        assert torch.equal(gemm.linear(x, made), F.linear(x, made.weight, made.bias))
+        assert len(reorders) == 3
+
+
+def test_a_reordered_copy_goes_with_its_weight():
+    if not gemm.PACKED_FP32:
+        pytest.skip("this torch has no oneDNN")
+    before = len(gemm._PACKED)
+    lin = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        gemm.linear(torch.randn(2, 64), lin)
+    assert len(gemm._PACKED) == before + 1
+    del lin
+    assert len(gemm._PACKED) == before
+
+
+@pytest.mark.slow
+def test_a_compiled_fp32_decode_reorders_each_weight_once_and_follows_new_weights(monkeypatch):
+    # The compiled step calls the reordered product as an operator of its own, which looks the weight up when the
+    # step runs: one reorder per weight for a whole reply, and weights loaded after compiling are the ones used.
+    if not gemm.PACKED_FP32:
+        pytest.skip("this torch has no oneDNN")
+    reorders, reorder = [], gemm._reorder
+    monkeypatch.setattr(gemm, "_reorder", lambda w: reorders.append(w.shape) or reorder(w))
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    cfg.decoder.layers = 2
+    model, other = LlavaMed(cfg).eval(), LlavaMed(cfg).eval()
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, 6, 7]] * 2)
+    px = torch.randn(2, 3, 64, 64)
+    want = [model.generate(ids, px, max_new_tokens=8, eos_id=-1), other.generate(ids, px, max_new_tokens=8, eos_id=-1)]
+    model.compile_decoding()
+    reorders.clear()
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    assert model.generate(ids, px, max_new_tokens=8, eos_id=-1) == want[0]
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == breaks  # the step is one graph
+    assert reorders == []  # eager generate reordered every weight already, and the compiled step finds them
+    model.load_state_dict(other.state_dict())
+    assert model.generate(ids, px, max_new_tokens=8, eos_id=-1) == want[1]
