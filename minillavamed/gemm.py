@@ -14,10 +14,10 @@ row is summed in chunks that do. The other one-row products go through torch.mv 
 elsewhere.
 
 A small model in fp32 (the tiny preset's decode and prefill) is bound by products too small for MKL's GEMM,
-which F.linear calls: on an AVX512 AMD EPYC oneDNN's product with the weight reordered once into its blocked
-layout runs them 1.3-3.5x faster, from 8 to 448 rows (bench/RESULTS.md, issue 17). Such weights are reordered
-on first use and again after any change to them; the reordered copies double those weights' memory, so only
-weights below STREAM_MIN_WEIGHTS take this path.
+which F.linear calls: on an AVX512 AMD EPYC (the one CPU it was measured on) oneDNN's product with the weight
+reordered once into its blocked layout runs them 1.3-3.5x faster from 8 to 448 rows, and a whole decode 1.4x
+faster (bench/RESULTS.md, issue 17). Such weights are reordered on first use and again after any change to them;
+the reordered copies double those weights' memory, so only weights below STREAM_MIN_WEIGHTS take this path.
 """
 
 from __future__ import annotations
