@@ -138,14 +138,20 @@ def test_every_prefill_product_of_a_bf16_model_takes_the_fast_dtype(monkeypatch)
     assert prefill and all(c[1:] == (torch.float32, torch.float32) for c in prefill), prefill
 
 
-@pytest.mark.parametrize("rows", [1, 8, 448])  # a decode step at batch 1 and 8; the tiny preset's batch-8 prefill
-def test_a_small_fp32_product_runs_through_onednn_with_its_weight_reordered_once(monkeypatch, rows):
-    # Without autograd, a small fp32 weight is reordered into oneDNN's layout on first use and reused after that:
-    # the product is F.linear's to fp32 rounding (the same sums in another order).
+@pytest.fixture
+def reorders(monkeypatch):
+    """The shapes of the weights gemm reorders into oneDNN's layout, in order (skips without oneDNN)."""
     if not gemm.PACKED_FP32:
         pytest.skip("this torch has no oneDNN")
-    reorders, reorder = [], gemm._reorder
-    monkeypatch.setattr(gemm, "_reorder", lambda w: reorders.append(w.shape) or reorder(w))
+    shapes, reorder = [], gemm._reorder
+    monkeypatch.setattr(gemm, "_reorder", lambda w: shapes.append(w.shape) or reorder(w))
+    return shapes
+
+
+@pytest.mark.parametrize("rows", [1, 8, 448])  # a decode step at batch 1 and 8; the tiny preset's batch-8 prefill
+def test_a_small_fp32_product_runs_through_onednn_with_its_weight_reordered_once(reorders, rows):
+    # Without autograd, a small fp32 weight is reordered into oneDNN's layout on first use and reused after that:
+    # the product is F.linear's to fp32 rounding (the same sums in another order).
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 688)
     x = torch.randn(rows, 1, 256)
@@ -174,9 +180,7 @@ def test_a_small_fp32_product_runs_through_onednn_with_its_weight_reordered_once
         assert len(reorders) == 3
 
 
-def test_a_reordered_copy_goes_with_its_weight():
-    if not gemm.PACKED_FP32:
-        pytest.skip("this torch has no oneDNN")
+def test_a_reordered_copy_goes_with_its_weight(reorders):
     before = len(gemm._PACKED)
     lin = torch.nn.Linear(64, 32)
     with torch.no_grad():
@@ -187,13 +191,9 @@ def test_a_reordered_copy_goes_with_its_weight():
 
 
 @pytest.mark.slow
-def test_a_compiled_fp32_decode_reorders_each_weight_once_and_follows_new_weights(monkeypatch):
+def test_a_compiled_fp32_decode_reorders_each_weight_once_and_follows_new_weights(reorders):
     # The compiled step calls the reordered product as an operator of its own, which looks the weight up when the
     # step runs: one reorder per weight for a whole reply, and weights loaded after compiling are the ones used.
-    if not gemm.PACKED_FP32:
-        pytest.skip("this torch has no oneDNN")
-    reorders, reorder = [], gemm._reorder
-    monkeypatch.setattr(gemm, "_reorder", lambda w: reorders.append(w.shape) or reorder(w))
     torch.manual_seed(0)
     cfg = preset("tiny")
     cfg.decoder.layers = 2
